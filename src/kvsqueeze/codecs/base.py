@@ -1,0 +1,95 @@
+"""The codec axis: how kept tokens are stored, and the blocks that hold them.
+
+A :class:`KVBlock` is an immutable run of kept tokens of one layer, per (row, KV head): ``lengths [B, H]``
+may differ between heads (ragged storage). Its bytes are the bytes of the tensors it holds. Attention
+reads a block through :meth:`KVBlock.attend`, which returns a partial result (output and log-sum-exp) so
+blocks of different codecs and the full-precision tail combine exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsqueeze.spec import Component
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [..., M, D]`` over ``k, v [..., L, D]``: (normalised output, log-sum-exp ``[..., M]``)."""
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.matmul(probs.to(v.dtype), v), lse
+
+
+class KVBlock:
+    """Kept tokens of one layer in some storage format; subclasses define ``materialize`` and ``nbytes``."""
+
+    lengths: torch.Tensor  # [B, H] long, on CPU
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.lengths == self.lengths.flatten()[0]).all())
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision keys/values, flat ``[N, D]`` in (row, head, token) order: a transient copy."""
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial attention of grouped queries ``q [B, H, M, D]`` (M = groups × query tokens)."""
+        keys, values = self.materialize(q.dtype)
+        B, H = self.lengths.shape
+        if self.uniform:
+            L = int(self.lengths[0, 0])
+            return partial_attention(q, keys.view(B, H, L, -1), values.view(B, H, L, -1), scaling)
+        out = torch.zeros(*q.shape[:-1], values.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+        sizes = self.lengths.flatten().tolist()
+        for i, (k_h, v_h) in enumerate(zip(keys.split(sizes), values.split(sizes), strict=True)):
+            if k_h.shape[0]:
+                b, h = divmod(i, H)
+                out[b, h], lse[b, h] = partial_attention(q[b, h], k_h, v_h, scaling)
+        return out, lse
+
+
+class DenseBlock(KVBlock):
+    """Kept tokens at the model's dtype, flat ``[N, D]`` with per-head lengths (ragged-capable)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        self.keys, self.values, self.lengths = keys, values, lengths.cpu()
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values)
+
+    def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys.to(dtype), self.values.to(dtype)
+
+
+class Codec(Component):
+    """Encodes kept tokens into a :class:`KVBlock`.
+
+    ``residual``: most recent tokens held at full precision in the tail; ``group``: the tail is flushed to
+    encoded blocks in multiples of this many tokens.
+    """
+
+    axis = "codec"
+    residual: int = 0
+    group: int = 1
+
+    @property
+    def is_dense(self) -> bool:
+        return False
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> KVBlock:
+        """``keys, values``: flat ``[N, D]`` in (row, head, token) order; ``lengths [B, H]``."""
+        raise NotImplementedError

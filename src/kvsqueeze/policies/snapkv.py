@@ -1,0 +1,52 @@
+"""SnapKV — "SnapKV: LLM Knows What You are Looking for Before Generation" (Li et al., arXiv 2404.14469).
+
+Each head votes with the attention of the last ``window`` queries (the observation window); votes are
+summed over the window, smoothed by 1-D pooling (``kernel``) so neighbours of important tokens survive,
+and the top-k prefix tokens are kept together with the whole window.
+Deviation: for GQA models the votes are averaged over the query heads of each KV group (the paper is MHA).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.spec import register
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
+    """1-D pooling over the token axis of ``[B, H, L]`` with 'same' padding."""
+    if kernel <= 1:
+        return scores
+    B, H, L = scores.shape
+    flat = scores.reshape(B * H, 1, L)
+    if mode == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled[..., :L].reshape(B, H, L)
+
+
+@register
+class SnapKV(Scorer):
+    name = "snapkv"
+    family = "eviction"
+    paper = "SnapKV: LLM Knows What You are Looking for Before Generation"
+    arxiv = "2404.14469"
+    window: int = Field(32, ge=1)
+    kernel: int = Field(5, ge=1)
+    pool: Literal["avg", "max"] = "avg"
+
+    def protected(self, length: int) -> int:
+        return min(self.window, length)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        votes = ctx.window_attention(self.window).sum(dim=2)  # [B, Hq, L]
+        votes = pool_scores(ctx.per_kv_head(votes), self.kernel, self.pool)
+        in_window = torch.zeros_like(ctx.valid)
+        in_window[:, -min(self.window, ctx.length) :] = True
+        return votes.masked_fill(in_window[:, None, :], PROTECTED)

@@ -1,0 +1,162 @@
+"""Method specs (``snapkv:window=32+kivi:bits=2``) and the registry of method components.
+
+A method is one component per axis:
+
+- ``scorer``   — which tokens to keep (scores, or a structured selection rule)
+- ``budget``   — how the kept-token budget is split across layers and heads
+- ``codec``    — how kept tokens are stored
+- ``schedule`` — when compression runs (prefill, every N decode steps, …)
+
+Every component is a pydantic model whose fields are its spec parameters, registered with ``@register``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kvsqueeze.errors import KVSqueezeError
+
+Axis = Literal["scorer", "budget", "codec", "schedule"]
+AXES: tuple[Axis, ...] = ("scorer", "budget", "codec", "schedule")
+DEFAULTS: dict[Axis, str] = {"scorer": "none", "budget": "uniform", "codec": "dense", "schedule": "prefill"}
+
+
+class Component(BaseModel):
+    """A spec component. Subclasses declare their parameters as pydantic fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: ClassVar[str] = ""
+    axis: ClassVar[Axis]
+    family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    arxiv: ClassVar[str | None] = None
+
+    def spec(self) -> str:
+        """This component as a spec string, listing only parameters that differ from their defaults."""
+        changed = []
+        for key, field in type(self).model_fields.items():
+            value = getattr(self, key)
+            if value != field.default:
+                changed.append(f"{key}={value}")
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registry row: what `kvsqueeze methods` lists."""
+
+    name: str
+    axis: Axis
+    family: str
+    paper: str
+    arxiv: str | None
+    cls: type[Component]
+
+    @property
+    def params(self) -> str:
+        return ", ".join(
+            f"{k}={f.default}" for k, f in self.cls.model_fields.items() if f.default is not None
+        )
+
+
+REGISTRY: dict[str, Registered] = {}
+
+
+def register(cls: type[Component]) -> type[Component]:
+    """Class decorator: add a component to the registry under its ``name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise RuntimeError(f"component name missing or registered twice: {cls.name!r}")
+    REGISTRY[cls.name] = Registered(cls.name, cls.axis, cls.family, cls.paper, cls.arxiv, cls)
+    return cls
+
+
+def _load_all() -> None:
+    """Import the modules that register components (kept lazy to avoid import cycles)."""
+    import kvsqueeze.codecs
+    import kvsqueeze.policies
+    import kvsqueeze.schedules  # noqa: F401
+
+
+def registry() -> dict[str, Registered]:
+    _load_all()
+    return REGISTRY
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method: one component per axis."""
+
+    scorer: Component
+    budget: Component
+    codec: Component
+    schedule: Component
+
+    @property
+    def evicts(self) -> bool:
+        return self.scorer.name != "none"
+
+    def spec(self) -> str:
+        parts = [self.scorer.spec()]
+        parts += [getattr(self, a).spec() for a in AXES[1:] if getattr(self, a).name != DEFAULTS[a]]
+        return "+".join(parts)
+
+
+def _one_line(exc: ValidationError, name: str) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "value"
+        problems.append(f"{loc}: {err['msg']}")
+    return f"bad parameters for {name!r}: " + "; ".join(problems)
+
+
+def make_component(name: str, **params) -> Component:
+    """Build one registered component by name, validating its parameters."""
+    reg = registry()
+    if name not in reg:
+        raise KVSqueezeError(f"unknown method component {name!r}; valid: {', '.join(sorted(reg))}")
+    cls = reg[name].cls
+    unknown = sorted(set(params) - set(cls.model_fields))
+    if unknown:
+        valid = ", ".join(cls.model_fields) or "(none)"
+        raise KVSqueezeError(f"unknown parameter(s) {', '.join(unknown)} for {name!r}; valid: {valid}")
+    try:
+        return cls(**params)
+    except ValidationError as exc:
+        raise KVSqueezeError(_one_line(exc, name)) from None
+
+
+def parse_component(text: str) -> Component:
+    name, _, args = text.strip().partition(":")
+    params: dict[str, str] = {}
+    if args:
+        for item in args.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise KVSqueezeError(f"bad parameter {item!r} in {text!r}; write NAME:key=value,key=value")
+            params[key.strip()] = value.strip()
+    return make_component(name.strip().lower().replace("-", "_"), **params)
+
+
+def parse_method(spec: str | Method) -> Method:
+    """Parse ``NAME[:k=v,...]`` joined by ``+`` into a :class:`Method` (one component per axis)."""
+    if isinstance(spec, Method):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise KVSqueezeError("empty method spec; try `kvsqueeze methods` for the list, e.g. 'snapkv'")
+    chosen: dict[str, Component] = {}
+    for part in spec.split("+"):
+        comp = parse_component(part)
+        if comp.axis in chosen:
+            raise KVSqueezeError(
+                f"two {comp.axis} components in {spec!r}: {chosen[comp.axis].name!r} and {comp.name!r}; "
+                f"use one per axis ({', '.join(AXES)})"
+            )
+        chosen[comp.axis] = comp
+    for axis in AXES:
+        if axis not in chosen:
+            chosen[axis] = make_component(DEFAULTS[axis])
+    return Method(**chosen)
