@@ -207,7 +207,7 @@ class CompressedCache(Cache):
     ) -> None:
         """Score, budget, select and encode everything ``layer`` holds in full precision."""
         keys, values = layer.keys, layer.values
-        B, H, L, D = keys.shape
+        B, H, L, _ = keys.shape
         if layer.blocks or layer.n_front:
             raise KVSqueezeError("recompressing an already compressed layer needs a decoding schedule")
         valid = self._valid_tokens(attention_mask, B, L, keys.device)
@@ -239,7 +239,7 @@ class CompressedCache(Cache):
         self._store(layer, keep_mask)
 
     def _store(self, layer: CompressedLayer, keep_mask: torch.Tensor) -> None:
-        B, H, L, D = layer.keys.shape
+        B, H, _, D = layer.keys.shape
         lengths = keep_mask.sum(-1).cpu()
         codec = self.method.codec
         if codec.is_dense and bool((lengths == lengths[0, 0]).all()):
