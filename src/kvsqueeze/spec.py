@@ -58,9 +58,7 @@ class Registered:
 
     @property
     def params(self) -> str:
-        return ", ".join(
-            f"{k}={f.default}" for k, f in self.cls.model_fields.items() if f.default is not None
-        )
+        return ", ".join(f"{k}={f.default}" for k, f in self.cls.model_fields.items() if f.default is not None)
 
 
 REGISTRY: dict[str, Registered] = {}

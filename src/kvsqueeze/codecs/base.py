@@ -93,3 +93,7 @@ class Codec(Component):
     def encode(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> KVBlock:
         """``keys, values``: flat ``[N, D]`` in (row, head, token) order; ``lengths [B, H]``."""
         raise NotImplementedError
+
+    def extend(self, block: KVBlock, newer: KVBlock) -> KVBlock | None:
+        """Append ``newer`` tokens to ``block`` (one block to attend over); None keeps them separate."""
+        return None

@@ -41,9 +41,7 @@ class LayerContext:
 
     def require_queries(self, who: str, count: int = 1) -> torch.Tensor:
         if self.queries is None or self.queries.shape[2] < count:
-            raise KVSqueezeError(
-                f"{who} needs the last {count} queries, which this schedule does not provide"
-            )
+            raise KVSqueezeError(f"{who} needs the last {count} queries, which this schedule does not provide")
         return self.queries
 
     def window_attention(self, window: int) -> torch.Tensor:
