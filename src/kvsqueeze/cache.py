@@ -253,11 +253,14 @@ class CompressedCache(Cache):
             scores = self.method.scorer.score(ctx)
             counts = self.method.budget.allocate(scores, keep, ctx)
             keep_mask = select(scores, counts, valid)
+            merged = self.method.scorer.merge(ctx, keep_mask)
+            if merged is not None:
+                layer.keys, layer.values = merged
         else:
             keep_mask = valid[:, None, :].expand(B, H, L)
-        self._store(layer, keep_mask)
+        self._store(layer, keep_mask, ctx)
 
-    def _store(self, layer: CompressedLayer, keep_mask: torch.Tensor) -> None:
+    def _store(self, layer: CompressedLayer, keep_mask: torch.Tensor, ctx: LayerContext | None = None) -> None:
         B, H, L, D = layer.keys.shape
         lengths = keep_mask.sum(-1).cpu()
         codec = self.method.codec
@@ -275,7 +278,9 @@ class CompressedCache(Cache):
             if r:
                 body[..., -r:] = False
             lengths = body.sum(-1).cpu()
-            layer.blocks = [codec.encode(layer.keys[body], layer.values[body], lengths)] if int(lengths.sum()) else []
+            layer.blocks = (
+                [codec.encode(layer.keys[body], layer.values[body], lengths, ctx)] if int(lengths.sum()) else []
+            )
             layer.keys, layer.values = layer.keys[..., L - r :, :], layer.values[..., L - r :, :]
             layer.n_front = 0
         layer.compressions += 1

@@ -90,8 +90,12 @@ class Codec(Component):
     def is_dense(self) -> bool:
         return False
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> KVBlock:
-        """``keys, values``: flat ``[N, D]`` in (row, head, token) order; ``lengths [B, H]``."""
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, ctx=None) -> KVBlock:
+        """``keys, values``: flat ``[N, D]`` in (row, head, token) order; ``lengths [B, H]``.
+
+        ``ctx`` is the :class:`~kvsqueeze.policies.base.LayerContext` of a compression (queries, positions,
+        layer index) and ``None`` when the tail's residual window is flushed during decoding.
+        """
         raise NotImplementedError
 
     def extend(self, block: KVBlock, newer: KVBlock) -> KVBlock | None:

@@ -18,5 +18,5 @@ class DenseCodec(Codec):
     def is_dense(self) -> bool:
         return True
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> KVBlock:
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, ctx=None) -> KVBlock:
         return DenseBlock(keys.contiguous(), values.contiguous(), lengths)

@@ -76,6 +76,11 @@ class Scorer(Component):
     def score(self, ctx: LayerContext) -> torch.Tensor:  # [B, H, L]
         raise NotImplementedError
 
+    def merge(self, ctx: LayerContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Merging methods fold evicted tokens into kept ones: return new ``(keys, values) [B, H, L, D]`` whose
+        kept positions are stored instead of the originals; None (default) stores the kept tokens as they are."""
+        return None
+
 
 class Budget(Component):
     """Splits each row's kept-token budget across the KV heads of a layer (and across layers)."""
