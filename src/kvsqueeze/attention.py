@@ -41,7 +41,7 @@ def _compressed_attention(layer, module, query, key, value, attention_mask, scal
     B, Hq, M, D = query.shape
     H = key.shape[1]
     G = Hq // H
-    grouped = query.view(B, H, G * M, D)
+    grouped = query.reshape(B, H, G * M, D)
     parts = [block.attend(grouped, scaling) for block in layer.blocks]
     if key.shape[2]:
         tail = (

@@ -1,0 +1,215 @@
+"""The ``kvsqueeze`` command line (Typer). Results go to stdout; status and progress to stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvsqueeze.errors import KVSqueezeError
+
+app = typer.Typer(help="Compress the KV cache of Hugging Face causal LMs.", no_args_is_help=True, add_completion=False)
+calibrate_app = typer.Typer(help="Offline calibration (cached per model).", no_args_is_help=True)
+app.add_typer(calibrate_app, name="calibrate")
+err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a ``KVSqueezeError`` into one line on stderr and exit code 2 (never a traceback)."""
+    try:
+        yield
+    except KVSqueezeError as exc:
+        fail(str(exc))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List every method component: name, axis, family, paper, arXiv id, parameters."""
+    from kvsqueeze.spec import AXES, registry
+
+    rows = sorted(registry().values(), key=lambda r: (AXES.index(r.axis), r.family, r.name))
+    if as_json:
+        payload = [
+            {"name": r.name, "axis": r.axis, "family": r.family, "paper": r.paper, "arxiv": r.arxiv, "params": r.params}
+            for r in rows
+        ]
+        print(json.dumps(payload, indent=1))
+        return
+    table = Table(title="kvsqueeze methods (compose one per axis with '+')")
+    for col in ("name", "axis", "family", "paper", "arXiv", "parameters"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.name, r.axis, r.family, r.paper, r.arxiv or "", r.params)
+    out.print(table)
+
+
+def _read_context(context: str | None, context_file: Path | None) -> str:
+    if context is not None and context_file is not None:
+        raise KVSqueezeError("give --context or --context-file, not both")
+    if context_file is not None:
+        if not context_file.is_file():
+            raise KVSqueezeError(f"context file not found: {context_file}")
+        text = context_file.read_text(encoding="utf-8", errors="replace")
+    elif context is not None:
+        text = context
+    else:
+        raise KVSqueezeError("no context: pass --context TEXT or --context-file PATH")
+    if not text.strip():
+        raise KVSqueezeError("the context is empty; pass a non-empty --context or --context-file")
+    return text
+
+
+@app.command()
+def generate(
+    question: Annotated[str, typer.Option(help="the question to answer about the context")],
+    method: Annotated[str, typer.Option(help="method spec, e.g. 'snapkv:window=32' or 'h2o+kivi:bits=2'")] = "none",
+    ratio: Annotated[float | None, typer.Option(help="fraction of tokens removed, in [0, 1)")] = None,
+    budget: Annotated[int | None, typer.Option(help="tokens kept per KV head (instead of --ratio)")] = None,
+    context: Annotated[str | None, typer.Option(help="context text")] = None,
+    context_file: Annotated[Path | None, typer.Option(help="file holding the context")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub id, model directory or .gguf (default: embedded)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    query_aware: Annotated[bool, typer.Option(help="compress the prompt with the question in it")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Answer a question about a context with a compressed cache."""
+    with user_errors():
+        from kvsqueeze.cache import CompressedCache
+        from kvsqueeze.models import load_model, parse_dtype
+        from kvsqueeze.pipeline import answer, build_prompt
+        from kvsqueeze.spec import parse_method
+
+        text = _read_context(context, context_file)
+        spec = parse_method(method)
+        parse_dtype(dtype)
+        if ratio is not None and budget is not None:
+            raise KVSqueezeError("give either --ratio or --budget, not both")
+        if ratio is not None and not 0.0 <= ratio < 1.0:
+            raise KVSqueezeError(f"--ratio must be in [0, 1) (fraction of tokens removed), got {ratio}")
+        if budget is not None and budget < 1:
+            raise KVSqueezeError(f"--budget must be >= 1, got {budget}")
+        _quiet_transformers()
+        with err.status("loading model…"):
+            lm, tokenizer = load_model(model, dtype=dtype)
+        context_ids, question_ids = build_prompt(tokenizer, text, question)
+        n_compressed = context_ids.shape[-1] + (question_ids.shape[-1] if query_aware else 0)
+        if budget is not None and budget >= n_compressed:
+            err.print(f"[yellow]warning:[/yellow] --budget {budget} >= {n_compressed} prompt tokens: no compression")
+            budget = n_compressed
+        cache = CompressedCache(lm, spec, ratio=ratio, budget=budget)
+        with err.status(f"generating with {spec.spec()}…"):
+            result = answer(
+                lm, tokenizer, method, text, question, query_aware=query_aware,
+                max_new_tokens=max_new_tokens, cache=cache,
+            )  # fmt: skip
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    print(result.text)
+    err.print(
+        f"[dim]{result.method}: kept {result.tokens_kept:.0f}/{result.tokens_total} tokens per head, "
+        f"{result.cache_bytes / 2**20:.2f}/{result.full_cache_bytes / 2**20:.2f} MB, "
+        f"prefill {result.prefill_seconds:.2f}s, decode {result.decode_tokens_per_second:.1f} tok/s[/dim]"
+    )
+
+
+@app.command()
+def demo(
+    context_tokens: Annotated[int, typer.Option(help="haystack length in tokens")] = 2000,
+    ratio: Annotated[float, typer.Option(help="fraction of tokens removed")] = 0.5,
+    methods_list: Annotated[str, typer.Option("--methods", help="comma-separated specs")] = "snapkv,tova,streaming_llm",
+) -> None:
+    """Needle in a haystack on the embedded model: the full cache and three methods side by side."""
+    with user_errors():
+        from kvsqueeze.data import haystack, insert_needle
+        from kvsqueeze.models import load_model
+        from kvsqueeze.pipeline import answer
+        from kvsqueeze.spec import parse_method
+
+        specs = [s.strip() for s in methods_list.split(",") if s.strip()]
+        for spec in specs:
+            parse_method(spec)
+        _quiet_transformers()
+        with err.status("loading the embedded model (first run converts it once, ~20 s)…"):
+            lm, tokenizer = load_model()
+        needle, expected = "The special magic number is 7342.", "7342"
+        context = insert_needle(haystack(tokenizer, context_tokens), needle, depth=0.4)
+        question = "What is the special magic number mentioned in the text? Answer with the number only."
+        table = Table(title=f"Needle in ~{context_tokens} tokens of essays, ratio {ratio} (query-aware)")
+        for col in ("method", "answer", "correct", "cache MB", "decode tok/s"):
+            table.add_column(col)
+        for spec in ["none", *specs]:
+            with err.status(f"{spec}…"):
+                result = answer(
+                    lm, tokenizer, spec, context, question,
+                    ratio=None if spec == "none" else ratio, query_aware=True, max_new_tokens=24,
+                )  # fmt: skip
+            ok = expected in result.text
+            table.add_row(
+                "full cache" if spec == "none" else spec,
+                result.text.replace("\n", " ")[:60],
+                "[green]yes[/green]" if ok else "[red]no[/red]",
+                f"{result.cache_bytes / 2**20:.1f}",
+                f"{result.decode_tokens_per_second:.1f}",
+            )
+    out.print(table)
+
+
+def _wire_optional() -> None:
+    """Attach commands that live next to their feature (benchmark harness, calibrations)."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("kvsqueeze.bench.cli").add_commands(app)
+    for module, name, attr in (
+        ("kvsqueeze.codecs.kvtuner", "kvtuner", "calibrate_kvtuner"),
+        ("kvsqueeze.policies.heads", "heads", "calibrate_heads"),
+    ):
+        try:
+            func = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        calibrate_app.command(name)(_calibration_command(func))
+
+
+def _calibration_command(func):
+    def command(
+        model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,
+        out_path: Annotated[Path | None, typer.Option("--out", help="where to write the JSON result")] = None,
+    ) -> None:
+        with user_errors():
+            _quiet_transformers()
+            path = func(model, out_path) if out_path is not None else func(model)
+        print(path)
+
+    command.__doc__ = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "Run a calibration."
+    return command
+
+
+_wire_optional()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
