@@ -1,16 +1,18 @@
 """Policies: which tokens to keep (scorers and selection rules) and how budgets are split."""
 
-from kvsqueeze.policies import baselines, h2o, keydiff, knorm, snapkv, streaming_llm, tova, uniform
+from kvsqueeze.policies import adakv, baselines, h2o, keydiff, knorm, pyramidkv, snapkv, streaming_llm, tova, uniform
 from kvsqueeze.policies.base import Budget, LayerContext, Scorer, select, tokens_to_keep
 
 __all__ = [
     "Budget",
     "LayerContext",
     "Scorer",
+    "adakv",
     "baselines",
     "h2o",
     "keydiff",
     "knorm",
+    "pyramidkv",
     "select",
     "snapkv",
     "streaming_llm",
