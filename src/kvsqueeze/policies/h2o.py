@@ -16,21 +16,28 @@ from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
 from kvsqueeze.spec import register
 
 
-def accumulated_attention(ctx: LayerContext, chunk: int = 512) -> torch.Tensor:
-    """Σ over queries of softmax attention, per query head: ``[B, Hq, L]`` (chunked over queries)."""
+def accumulated_attention(ctx: LayerContext, chunk: int = 256) -> torch.Tensor:
+    """Σ over queries of causal softmax attention, per query head: ``[B, Hq, L]``.
+
+    Chunked over queries; a chunk only multiplies the keys it can see (causality halves the work).
+    """
     q = ctx.require_queries("h2o", ctx.length)
-    B, Hq, L, _ = q.shape
-    keys = ctx.keys.repeat_interleave(ctx.groups, dim=1)
-    total = torch.zeros(B, Hq, L, dtype=torch.float32, device=q.device)
-    cols = torch.arange(L, device=q.device)
+    B, Hq, L, D = q.shape
+    H, G = ctx.keys.shape[1], ctx.groups
+    total = torch.zeros(B, H, G, L, dtype=torch.float32, device=q.device)
+    padding = ~ctx.valid[:, None, None, None, :]  # [B, 1, 1, 1, L]
     for start in range(0, L, chunk):
         stop = min(start + chunk, L)
-        logits = torch.matmul(q[:, :, start:stop], keys.transpose(-1, -2)).float() * ctx.scaling
-        visible = (cols[None, :] <= torch.arange(start, stop, device=q.device)[:, None])[None, None]
-        visible = visible & ctx.valid[:, None, None, :] & ctx.valid[:, None, start:stop, None]
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        total += probs.sum(dim=2)
-    return total
+        n = stop - start
+        grouped = q[:, :, start:stop].reshape(B, H, G * n, D)
+        logits = torch.matmul(grouped, ctx.keys[:, :, :stop].transpose(-1, -2)).float().mul_(ctx.scaling)
+        logits = logits.view(B, H, G, n, stop)
+        future = torch.ones(n, stop, dtype=torch.bool, device=q.device).triu_(start + 1)
+        logits.masked_fill_(future | padding[..., :stop], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        real_queries = ctx.valid[:, start:stop].float()[:, None, None, :, None]
+        total[..., :stop] += (probs * real_queries).sum(dim=3)
+    return total.view(B, Hq, L)
 
 
 @register
