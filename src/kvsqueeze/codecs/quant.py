@@ -1,0 +1,221 @@
+"""Uniform asymmetric quantization with packed codes: the storage shared by the integer codecs.
+
+A tensor ``x [N, D]`` of flat tokens (row, head, token order) is stored as
+
+- :class:`TokenQ` — per-token: each token's channels in groups of ``size``, one fp16 scale and zero per group;
+- :class:`ChannelQ` — per-channel: each (row, head)'s tokens in groups of ``group`` consecutive tokens, one fp16
+  scale and zero per (group, channel); the last group of a head may be shorter.
+
+Codes ``c = round((x - zero) / scale)`` in ``[0, 2**bits - 1]`` are bit-packed (:mod:`kvsqueeze.codecs.packing`);
+``x̂ = c * scale + zero``. Zero is rounded down and scale up when cast to fp16 so that every element lies in the
+representable range: the error is at most ``scale / 2`` per element.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import AfterValidator
+
+from kvsqueeze.codecs.base import KVBlock, tensor_bytes
+from kvsqueeze.codecs.packing import pack, unpack_float
+from kvsqueeze.errors import KVSqueezeError
+
+FP16_MAX = 65504.0
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) covering ``[lo, hi]`` with ``2**bits`` levels: zero ≤ lo, zero + qmax·scale ≥ hi."""
+    qmax = (1 << bits) - 1
+    lo = lo.float().clamp(-FP16_MAX, FP16_MAX)
+    hi = hi.float().clamp(-FP16_MAX, FP16_MAX)
+    zero = lo.half()
+    zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -float("inf"))), zero)
+    scale = (hi - zero.float()).clamp(min=0) / qmax
+    s16 = scale.half()
+    s16 = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16)
+    return s16, zero
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (uint8) of ``x`` for broadcastable fp16 ``scale``/``zero``."""
+    s = scale.float()
+    q = (x.float() - zero.float()) / torch.where(s > 0, s, torch.ones_like(s))
+    return q.round_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def interleave(a: torch.Tensor, a_counts: list[int], b: torch.Tensor, b_counts: list[int]) -> torch.Tensor:
+    """Concatenate per-(row, head) segments: ``a``'s segment i, then ``b``'s segment i, for every i."""
+    parts: list[torch.Tensor] = []
+    for x, y in zip(a.split(a_counts), b.split(b_counts), strict=True):
+        parts += [x, y]
+    return torch.cat(parts)
+
+
+def token_groups(lengths: torch.Tensor, group: int) -> tuple[torch.Tensor, list[int]]:
+    """Sizes of consecutive token groups of every (row, head) segment, and the number of groups per segment."""
+    sizes: list[int] = []
+    counts: list[int] = []
+    for n in lengths.flatten().tolist():
+        full, rest = divmod(int(n), group)
+        sizes += [group] * full + ([rest] if rest else [])
+        counts.append(full + (1 if rest else 0))
+    return torch.tensor(sizes, dtype=torch.int16), counts
+
+
+def check_bits(bits: int, allowed: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)) -> None:
+    if bits not in allowed:
+        raise KVSqueezeError(f"bits must be one of {', '.join(map(str, allowed))}, got {bits}")
+
+
+def _bits_2348(value: int) -> int:
+    if value not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {value}")
+    return value
+
+
+Bits = Annotated[int, AfterValidator(_bits_2348)]  # spec field type: a supported integer bit width
+
+
+class TokenQ:
+    """Per-token quantization: ``codes [N, ⌈D/8⌉·bits]`` packed, ``scale/zero [N, D/size]`` fp16."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dim: int, size: int):
+        self.codes, self.scale, self.zero = codes, scale, zero
+        self.bits, self.dim, self.size = bits, dim, size
+
+    @classmethod
+    def encode(cls, x: torch.Tensor, bits: int, size: int = 0) -> TokenQ:
+        N, D = x.shape
+        size = size or D
+        if D % size:
+            raise KVSqueezeError(f"channel group size {size} must divide the head dimension {D}")
+        xs = x.float().view(N, D // size, size)
+        scale, zero = affine_params(xs.amin(-1), xs.amax(-1), bits)
+        codes = quantize_codes(xs, scale[..., None], zero[..., None], bits).view(N, D)
+        return cls(pack(codes, bits), scale, zero, bits, D, size)
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[0]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.codes, self.scale, self.zero)
+
+    def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N = self.codes.shape[0]
+        c = unpack_float(self.codes, self.bits, self.dim, dtype).view(N, -1, self.size)
+        return torch.addcmul(self.zero.to(dtype)[..., None], c, self.scale.to(dtype)[..., None]).view(N, self.dim)
+
+    def merge(self, counts: list[int], newer: TokenQ, newer_counts: list[int]) -> TokenQ:
+        """This storage followed, per (row, head) segment, by ``newer``'s."""
+        return TokenQ(
+            interleave(self.codes, counts, newer.codes, newer_counts),
+            interleave(self.scale, counts, newer.scale, newer_counts),
+            interleave(self.zero, counts, newer.zero, newer_counts),
+            self.bits,
+            self.dim,
+            self.size,
+        )
+
+
+class ChannelQ:
+    """Per-channel quantization over groups of consecutive tokens of one (row, head).
+
+    ``codes [N, ⌈D/8⌉·bits]`` packed per token, ``scale/zero [G, D]`` fp16, ``sizes [G]`` int16 tokens per group,
+    ``counts``: groups per (row, head) segment (plain list, like ``lengths``).
+    """
+
+    def __init__(self, codes, scale, zero, sizes, counts: list[int], bits: int, dim: int):
+        self.codes, self.scale, self.zero, self.sizes, self.counts = codes, scale, zero, sizes, counts
+        self.bits, self.dim = bits, dim
+
+    @classmethod
+    def encode(cls, x: torch.Tensor, lengths: torch.Tensor, bits: int, group: int) -> ChannelQ:
+        N, D = x.shape
+        sizes, counts = token_groups(lengths, group)
+        xf = x.float()
+        if bool((sizes == group).all()):
+            xs = xf.view(-1, group, D)
+            lo, hi = xs.amin(1), xs.amax(1)
+        else:
+            gidx = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes.long().to(x.device))
+            lo = torch.full((len(sizes), D), float("inf"), device=x.device)
+            hi = torch.full((len(sizes), D), -float("inf"), device=x.device)
+            lo = lo.scatter_reduce(0, gidx[:, None].expand(N, D), xf, "amin")
+            hi = hi.scatter_reduce(0, gidx[:, None].expand(N, D), xf, "amax")
+        scale, zero = affine_params(lo, hi, bits)
+        s_tok, z_tok = cls._expand(scale, zero, sizes, group)
+        codes = quantize_codes(xf, s_tok, z_tok, bits)
+        return cls(pack(codes, bits), scale, zero, sizes, counts, bits, D)
+
+    @staticmethod
+    def _expand(scale, zero, sizes, group):
+        if bool((sizes == group).all()):
+            return scale.repeat_interleave(group, 0), zero.repeat_interleave(group, 0)
+        rep = sizes.long().to(scale.device)
+        n = int(rep.sum())
+        return scale.repeat_interleave(rep, 0, output_size=n), zero.repeat_interleave(rep, 0, output_size=n)
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[0]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.codes, self.scale, self.zero, self.sizes)
+
+    def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        c = unpack_float(self.codes, self.bits, self.dim, dtype)
+        g = int(self.sizes[0]) if len(self.sizes) else 1
+        if bool((self.sizes == g).all()):  # uniform groups: broadcast, no gather
+            view = c.view(-1, g, self.dim)
+            return torch.addcmul(self.zero.to(dtype)[:, None], view, self.scale.to(dtype)[:, None]).view(-1, self.dim)
+        s, z = self._expand(self.scale.to(dtype), self.zero.to(dtype), self.sizes, -1)
+        return torch.addcmul(z, c, s)
+
+    def merge(self, counts: list[int], newer: ChannelQ, newer_counts: list[int]) -> ChannelQ:
+        return ChannelQ(
+            interleave(self.codes, counts, newer.codes, newer_counts),
+            interleave(self.scale, self.counts, newer.scale, newer.counts),
+            interleave(self.zero, self.counts, newer.zero, newer.counts),
+            interleave(self.sizes, self.counts, newer.sizes, newer.counts),
+            [a + b for a, b in zip(self.counts, newer.counts, strict=True)],
+            self.bits,
+            self.dim,
+        )
+
+
+class QuantBlock(KVBlock):
+    """Kept tokens as packed quantized keys and values (each a :class:`TokenQ` or :class:`ChannelQ`)."""
+
+    def __init__(self, keys: TokenQ | ChannelQ, values: TokenQ | ChannelQ, lengths: torch.Tensor):
+        self.keys, self.values, self.lengths = keys, values, lengths.cpu()
+        self.dim = keys.dim
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes()
+
+    def bits_per_element(self) -> float:
+        """Bytes held × 8 per stored key/value element, all metadata included."""
+        return bits_per_element(self)
+
+    def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys.dequant(dtype), self.values.dequant(dtype)
+
+    def merge(self, newer: QuantBlock) -> QuantBlock:
+        a, b = self.lengths.flatten().tolist(), newer.lengths.flatten().tolist()
+        if type(self.keys) is not type(newer.keys) or type(self.values) is not type(newer.values):
+            raise TypeError("cannot merge blocks of different layouts")
+        return QuantBlock(
+            self.keys.merge(a, newer.keys, b), self.values.merge(a, newer.values, b), self.lengths + newer.lengths
+        )
+
+
+def bits_per_element(block: KVBlock) -> float:
+    """Effective bits per stored key/value element of any block (8 × bytes held / (2 × tokens × head dim))."""
+    n = int(block.lengths.sum())
+    if n == 0:
+        return 0.0
+    dim = getattr(block, "dim", None) or block.materialize(torch.float32)[0].shape[-1]
+    return 8.0 * block.nbytes() / (2 * n * dim)
