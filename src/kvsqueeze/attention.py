@@ -63,10 +63,18 @@ def kvsqueeze_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    decode_step = getattr(cache.method.schedule, "decode_step", None)  # decoding schedules see every pass
     if layer.compressed:
-        return _compressed_attention(layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if cache.wants_compression(layer, query.shape[2]):
+        out = _compressed_attention(layer, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    else:
+        out = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if decode_step is not None:
+        start = time.perf_counter()
+        decode_step(cache, layer, module, query, attention_mask, scaling, kwargs.get("position_ids"))
+        cache.compression_seconds += time.perf_counter() - start
+    elif not layer.compressed and cache.wants_compression(layer, query.shape[2]):
         start = time.perf_counter()
         cache.compress_layer(layer, query, attention_mask, scaling, kwargs.get("position_ids"))
         cache.compression_seconds += time.perf_counter() - start

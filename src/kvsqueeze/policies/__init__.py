@@ -1,6 +1,19 @@
 """Policies: which tokens to keep (scorers and selection rules) and how budgets are split."""
 
-from kvsqueeze.policies import adakv, baselines, h2o, keydiff, knorm, pyramidkv, snapkv, streaming_llm, tova, uniform
+from kvsqueeze.policies import (
+    adakv,
+    baselines,
+    h2o,
+    keydiff,
+    knorm,
+    lazyeviction,
+    pyramidkv,
+    snapkv,
+    streaming_llm,
+    tova,
+    triattention,
+    uniform,
+)
 from kvsqueeze.policies.base import Budget, LayerContext, Scorer, select, tokens_to_keep
 
 __all__ = [
@@ -12,11 +25,13 @@ __all__ = [
     "h2o",
     "keydiff",
     "knorm",
+    "lazyeviction",
     "pyramidkv",
     "select",
     "snapkv",
     "streaming_llm",
     "tokens_to_keep",
     "tova",
+    "triattention",
     "uniform",
 ]
