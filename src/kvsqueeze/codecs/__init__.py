@@ -1,6 +1,6 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import dense, fp8, intquant, kivi
+from kvsqueeze.codecs import dense, fp8, intquant, kivi, qjl
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
-__all__ = ["Codec", "DenseBlock", "KVBlock", "dense", "fp8", "intquant", "kivi", "partial_attention"]
+__all__ = ["Codec", "DenseBlock", "KVBlock", "dense", "fp8", "intquant", "kivi", "partial_attention", "qjl"]
