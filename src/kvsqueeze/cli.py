@@ -38,8 +38,10 @@ def user_errors():
 
 
 def _quiet_transformers() -> None:
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
+    hub_logging.set_verbosity_error()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from platformdirs import user_cache_dir
 
 from kvsqueeze.errors import KVSqueezeError
@@ -62,29 +64,32 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=False)
     plain.tie_weights()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir)
 
 
+def _converted(gguf: Path, target: Path) -> Path:
+    """The safetensors copy of ``gguf`` at ``target``, converted once (a file lock serialises processes)."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            _convert_gguf(gguf, target)
+    return target
+
+
 def resolve_model_dir(name: str | None) -> tuple[str, dict]:
     """Turn a user's model name into (path-or-id, extra from_pretrained kwargs)."""
     if name is None or name in (EMBEDDED_NAME, "embedded", "default"):
-        target = cache_dir() / "models" / EMBEDDED_NAME
-        if not (target / "config.json").is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(embedded_gguf_path(), target)
-        return str(target), {}
+        return str(_converted(embedded_gguf_path(), cache_dir() / "models" / EMBEDDED_NAME)), {}
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise KVSqueezeError(f"GGUF file not found: {path}")
-        target = cache_dir() / "models" / (path.stem + f"-{path.stat().st_size}")
-        if not (target / "config.json").is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(path, target)
-        return str(target), {}
+        return str(_converted(path, cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}")), {}
     if path.exists():
         if not (path / "config.json").is_file():
             raise KVSqueezeError(f"{path} is not a model directory (no config.json); pass a directory or .gguf")
