@@ -1,6 +1,18 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import dense, fp8, intquant, kivi, qjl
+from kvsqueeze.codecs import dense, fp8, gear, intquant, kivi, qjl, think
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
-__all__ = ["Codec", "DenseBlock", "KVBlock", "dense", "fp8", "intquant", "kivi", "partial_attention", "qjl"]
+__all__ = [
+    "Codec",
+    "DenseBlock",
+    "KVBlock",
+    "dense",
+    "fp8",
+    "gear",
+    "intquant",
+    "kivi",
+    "partial_attention",
+    "qjl",
+    "think",
+]
