@@ -41,7 +41,7 @@ def test_kept_channels_follow_the_query_key_criterion_and_pruned_ones_are_not_st
 
 
 def test_attention_equals_exact_attention_over_the_kept_channels():
-    keys, values, queries, ctx = make(1)
+    keys, values, _, ctx = make(1)
     codec = parse_method("think:prune=0.75,window=6").codec
     block = codec.encode(keys.reshape(-1, D), values.reshape(-1, D), torch.full((B, H), L), ctx)
     q = torch.randn(B, H, 3, D)
