@@ -1,0 +1,77 @@
+"""Task registry: ``--task`` names → deterministic sample generators (see each module's docstring).
+
+A task spec is ``NAME`` or ``NAME:OPTION`` (``niah:multikey``) or ``file:PATH.jsonl``; several are joined by
+commas. Every generator takes ``(tokenizer, samples=, length=, seed=, option=)`` and returns the same samples,
+byte for byte, for the same arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvsqueeze.bench.tasks import continuation, jsonl, multiturn, niah, ruler, speed
+from kvsqueeze.bench.tasks.base import Question, Sample
+from kvsqueeze.errors import KVSqueezeError
+
+GENERATORS: dict[str, Callable[..., list[Sample]]] = {
+    "niah": niah.generate,
+    "vt": ruler.generate_vt,
+    "cwe": ruler.generate_cwe,
+    "fwe": ruler.generate_fwe,
+    "ppl": continuation.generate_ppl,
+    "fidelity": continuation.generate_fidelity,
+    "multiturn": multiturn.generate,
+    "speed": speed.generate,
+}
+OPTIONS = {"niah": niah.VARIANTS}
+TASK_NAMES = (*GENERATORS, "file:PATH.jsonl")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    option: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.option is None else f"{self.name}:{self.option}"
+
+
+def parse_tasks(text: str) -> list[TaskSpec]:
+    """Validate ``--task`` (before any model work); file datasets are read and checked here."""
+    specs = []
+    parts = [text] if text.strip().startswith("file:") else text.split(",")
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        name, _, option = part.partition(":")
+        option = option or None
+        if name == "file":
+            if not option:
+                raise KVSqueezeError("give the dataset as --task file:PATH.jsonl")
+            jsonl.load(option)
+        elif name not in GENERATORS:
+            raise KVSqueezeError(f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}")
+        elif option is not None and option not in OPTIONS.get(name, ()):
+            valid = ", ".join(OPTIONS.get(name, ())) or "none"
+            raise KVSqueezeError(f"unknown option {option!r} for task {name!r}; valid options: {valid}")
+        specs.append(TaskSpec(name, option))
+    if not specs:
+        raise KVSqueezeError(f"no task given; valid: {', '.join(TASK_NAMES)}")
+    return specs
+
+
+def default_lengths(task: TaskSpec) -> tuple[int, ...]:
+    return speed.DEFAULT_LENGTHS if task.name == "speed" else (2048,)
+
+
+def generate(task: TaskSpec, tokenizer, *, samples: int, length: int, seed: int) -> list[Sample]:
+    """The samples of one task at one context length."""
+    if task.name == "file":
+        return jsonl.generate(task.option, samples=samples)
+    return GENERATORS[task.name](tokenizer, samples=samples, length=length, seed=seed, option=task.option)
+
+
+__all__ = ["GENERATORS", "TASK_NAMES", "Question", "Sample", "TaskSpec", "default_lengths", "generate", "parse_tasks"]

@@ -1,0 +1,46 @@
+"""What a task generator produces: samples of questions about a context, with their expected answers."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Kind = Literal["qa", "continuation", "multiturn", "speed"]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question; ``answers`` are the strings a correct output contains (scored by ``metric``)."""
+
+    text: str
+    answers: tuple[str, ...]
+    answer_prefix: str = ""
+    max_new_tokens: int = 16
+    metric: Literal["all", "part"] = "all"  # all: fraction of answers found; part: 1 if any is found
+
+    @property
+    def gold(self) -> str:
+        """The reference continuation whose log-likelihood is reported."""
+        return " " + ", ".join(self.answers)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One benchmark sample. ``kind`` decides how the runner evaluates it."""
+
+    task: str
+    id: str
+    kind: Kind
+    context: str
+    questions: tuple[Question, ...] = ()
+    continuation: str = ""  # continuation tasks: the text teacher-forced after the context
+    meta: dict = field(default_factory=dict)  # depth, length, variant … (plots and tables group by these)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def rng_for(*parts: object) -> random.Random:
+    """A generator seeded from a string: deterministic across processes (independent of PYTHONHASHSEED)."""
+    return random.Random(":".join(str(p) for p in parts))

@@ -1,0 +1,56 @@
+"""``file:PATH.jsonl``: a user dataset in kvpress' schema, one JSON object per line with ``context``,
+``question``, ``answer`` (a string, or a list of strings that must all appear) and optional ``answer_prefix``
+and ``max_new_tokens`` (default 32). Score: fraction of the expected strings found in the output
+(case-insensitive), plus the gold log-likelihood. ``--samples`` takes the first N lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvsqueeze.bench.tasks.base import Question, Sample
+from kvsqueeze.errors import KVSqueezeError
+
+
+def load(path: str | Path) -> list[dict]:
+    """Read and validate every line (errors name the line and the fix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KVSqueezeError(f"dataset file not found: {path}; give --task file:PATH.jsonl with an existing file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KVSqueezeError(f"{path}:{n}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise KVSqueezeError(f"{path}:{n}: expected a JSON object with context, question, answer")
+        for key in ("context", "question"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise KVSqueezeError(f"{path}:{n}: field {key!r} must be a non-empty string")
+        answer = row.get("answer")
+        if isinstance(answer, str):
+            answer = [answer]
+        if not isinstance(answer, list) or not answer or not all(isinstance(a, str) and a for a in answer):
+            raise KVSqueezeError(f"{path}:{n}: field 'answer' must be a non-empty string or list of strings")
+        if not isinstance(row.get("answer_prefix", ""), str):
+            raise KVSqueezeError(f"{path}:{n}: field 'answer_prefix' must be a string")
+        mnt = row.get("max_new_tokens", 32)
+        if not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1:
+            raise KVSqueezeError(f"{path}:{n}: field 'max_new_tokens' must be a positive integer")
+        rows.append({**row, "answer": answer, "max_new_tokens": mnt, "line": n})
+    if not rows:
+        raise KVSqueezeError(f"{path} holds no samples; write one JSON object per line")
+    return rows
+
+
+def generate(path: str, *, samples: int) -> list[Sample]:
+    out = []
+    for row in load(path)[:samples]:
+        q = Question(row["question"], tuple(row["answer"]), row.get("answer_prefix", ""), row["max_new_tokens"])
+        out.append(Sample(f"file:{path}", f"line{row['line']:05d}", "qa", row["context"], (q,),
+                          meta={"length": None, "depth": None, "line": row["line"]}))  # fmt: skip
+    return out
