@@ -188,3 +188,15 @@ def test_triattention_prefers_the_keys_its_query_center_favours(model):
     cache = drive(model, "triattention:budget=8,every=4,recent=2", rotate(k_pre), rotate(q_pre), prompt=20)
     kept = cache.layers[0].state["pos"][0]
     assert all(set(favoured) <= set(kept[h].tolist()) for h in range(H))
+
+
+def test_longgen_is_exact_for_the_full_cache_and_reports_the_schedule_bound(model):
+    from kvsqueeze.schedules_eval import longgen
+
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    full = longgen(model, None, "none", prompt, n_tokens=30)
+    assert full["top1_agreement"] == 1.0 and full["kl_mean"] < 1e-6
+    res = longgen(model, None, "streaming_llm+interval:every=4,budget=8", prompt, reference=full["reference"])
+    assert res["generated_tokens"] == 30
+    assert 8 <= res["tokens_held_end"] <= 11
+    assert res["kl_mean"] > 0 and res["cache_bytes"] < res["full_cache_bytes"]
