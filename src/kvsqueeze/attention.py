@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvsqueeze.codecs.base import partial_attention
+from kvsqueeze.codecs.base import fused_partial_attention, partial_attention
 
 NAME = "kvsqueeze"
 
@@ -47,7 +47,10 @@ def _compressed_attention(layer, module, query, key, value, attention_mask, scal
         tail = (
             None if mask is None else mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.shape[0], 1, G * M, -1)
         )
-        parts.append(partial_attention(grouped, key, value, scaling, tail))
+        if tail is None:  # decoding: every tail token visible, one fused kernel
+            parts.append(fused_partial_attention(grouped, key, value, scaling))
+        else:
+            parts.append(partial_attention(grouped, key, value, scaling, tail))
     out = merge_partials(parts).view(B, Hq, M, -1)
     return out.transpose(1, 2).contiguous(), None
 

@@ -29,6 +29,26 @@ def partial_attention(
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partial_attention` without a mask, through PyTorch's fused CPU attention kernel (which also returns
+    the log-sum-exp) when it applies — one kernel instead of six, which matters for ragged heads while decoding.
+    ``q [M, D]`` with ``k, v [N, D]``, or ``[B, H, M, D]`` with ``[B, H, N, D]``."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    fused = op is not None and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in FUSED_DTYPES
+    if not fused or q.dim() not in (2, 4):
+        return partial_attention(q, k, v, scaling)
+    if q.dim() == 2:
+        out, lse = op(q[None, None], k[None, None], v[None, None], 0.0, False, scale=scaling)[:2]
+        return out[0, 0], lse[0, 0].float()
+    out, lse = op(q, k, v, 0.0, False, scale=scaling)[:2]
+    return out, lse.float()
+
+
 class KVBlock:
     """Kept tokens of one layer in some storage format; subclasses define ``materialize`` and ``nbytes``."""
 
@@ -51,14 +71,14 @@ class KVBlock:
         B, H = self.lengths.shape
         if self.uniform:
             L = int(self.lengths[0, 0])
-            return partial_attention(q, keys.view(B, H, L, -1), values.view(B, H, L, -1), scaling)
+            return fused_partial_attention(q, keys.view(B, H, L, -1), values.view(B, H, L, -1), scaling)
         out = torch.zeros(*q.shape[:-1], values.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), device=q.device)
         sizes = self.lengths.flatten().tolist()
         for i, (k_h, v_h) in enumerate(zip(keys.split(sizes), values.split(sizes), strict=True)):
             if k_h.shape[0]:
                 b, h = divmod(i, H)
-                out[b, h], lse[b, h] = partial_attention(q[b, h], k_h, v_h, scaling)
+                out[b, h], lse[b, h] = fused_partial_attention(q[b, h], k_h, v_h, scaling)
         return out, lse
 
 
