@@ -50,7 +50,7 @@ def merge_pair(x_a: torch.Tensor, x_b: torch.Tensor, t: float = 0.5, retain: flo
     e_a = x_a / norm_a[:, None].clamp(min=1e-12)
     e_b = x_b / norm_b[:, None].clamp(min=1e-12)
     angle = torch.arccos((e_a * e_b).sum(-1).clamp(-1.0, 1.0))
-    n_keep = int(round(retain * x_a.shape[0]))
+    n_keep = round(retain * x_a.shape[0])
     retained = torch.topk(angle, n_keep).indices.sort().values if n_keep else torch.zeros(0, dtype=torch.long)
     return MergedPair(slerp(e_a, e_b, t), norm_a, norm_b, retained, x_a[retained], x_b[retained])
 
