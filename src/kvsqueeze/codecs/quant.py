@@ -108,6 +108,27 @@ class TokenQ:
         c = unpack_float(self.codes, self.bits, self.dim, dtype).view(N, -1, self.size)
         return torch.addcmul(self.zero.to(dtype)[..., None], c, self.scale.to(dtype)[..., None]).view(N, self.dim)
 
+    def scores(self, q: torch.Tensor, BH: int, L: int) -> torch.Tensor:
+        """``q [BH, M, D] · dequant()ᵀ`` → ``[BH, M, L]`` without materializing keys: q·(s c + z) = s (q·c) + z Σq."""
+        G, g = self.dim // self.size, self.size
+        C = unpack_float(self.codes, self.bits, self.dim).view(BH, L, G, g)
+        s, z = self.scale.float().view(BH, 1, L, G), self.zero.float().view(BH, 1, L, G)
+        qg = q.view(BH, -1, G, g)
+        out = None
+        for j in range(G):
+            raw = torch.matmul(qg[:, :, j], C[:, :, j].transpose(1, 2))
+            part = torch.addcmul(raw * s[..., j], qg[:, :, j].sum(-1, keepdim=True), z[..., j])
+            out = part if out is None else out + part
+        return out
+
+    def weighted(self, p: torch.Tensor, BH: int, L: int) -> torch.Tensor:
+        """``p [BH, M, L] @ dequant()`` → ``[BH, M, D]``: Σ p s c + Σ p z, per channel group."""
+        G, g = self.dim // self.size, self.size
+        C = unpack_float(self.codes, self.bits, self.dim).view(BH, L, G, g)
+        s, z = self.scale.float().view(BH, L, G), self.zero.float().view(BH, L, G)
+        parts = [torch.matmul(p * s[:, None, :, j], C[:, :, j]) + torch.matmul(p, z[:, :, j, None]) for j in range(G)]
+        return torch.cat(parts, dim=-1) if G > 1 else parts[0]
+
     def merge(self, counts: list[int], newer: TokenQ, newer_counts: list[int]) -> TokenQ:
         """This storage followed, per (row, head) segment, by ``newer``'s."""
         return TokenQ(
@@ -174,6 +195,44 @@ class ChannelQ:
         s, z = self._expand(self.scale.to(dtype), self.zero.to(dtype), self.sizes, -1)
         return torch.addcmul(z, c, s)
 
+    def runs(self) -> list[tuple[int, int, int]] | None:
+        """(first group, groups, group size) runs of one head's groups, when every head has the same pattern."""
+        n = self.counts[0]
+        if any(c != n for c in self.counts):
+            return None
+        pattern = self.sizes[:n].tolist()
+        if self.sizes.tolist() != pattern * len(self.counts):
+            return None
+        runs, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or pattern[i] != pattern[start]:
+                runs.append((start, i - start, pattern[start]))
+                start = i
+        return runs
+
+    def scores(self, q: torch.Tensor, BH: int, L: int) -> torch.Tensor:
+        """``q [BH, M, D] · dequant()ᵀ`` → ``[BH, M, L]``: per group, (q ⊙ s_g)·c + q·z_g (no dequantized keys)."""
+        runs = self.runs()
+        if runs is None:
+            return torch.matmul(q, self.dequant(torch.float32).view(BH, L, -1).transpose(1, 2))
+        D, M = self.dim, q.shape[1]
+        C = unpack_float(self.codes, self.bits, D).view(BH, L, D)
+        n_g = self.counts[0]
+        s, z = self.scale.float().view(BH, n_g, D), self.zero.float().view(BH, n_g, D)
+        bias = torch.matmul(q, z.transpose(1, 2))  # [BH, M, n_g]
+        parts, tok = [], 0
+        for g0, n, size in runs:
+            c = C[:, tok : tok + n * size].reshape(BH, n, size, D)
+            qs = q[:, None] * s[:, g0 : g0 + n, None, :]  # [BH, n, M, D]
+            raw = torch.matmul(c, qs.transpose(-1, -2))  # [BH, n, size, M]
+            raw = raw + bias[:, :, g0 : g0 + n].transpose(1, 2)[:, :, None, :]
+            parts.append(raw.permute(0, 3, 1, 2).reshape(BH, M, n * size))
+            tok += n * size
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def weighted(self, p: torch.Tensor, BH: int, L: int) -> torch.Tensor:
+        return torch.matmul(p, self.dequant(torch.float32).view(BH, L, -1))
+
     def merge(self, counts: list[int], newer: ChannelQ, newer_counts: list[int]) -> ChannelQ:
         return ChannelQ(
             interleave(self.codes, counts, newer.codes, newer_counts),
@@ -202,6 +261,19 @@ class QuantBlock(KVBlock):
 
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys.dequant(dtype), self.values.dequant(dtype)
+
+    def attend(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention read straight from the packed codes (scales folded into the products), uniform heads."""
+        if not self.uniform:
+            return super().attend(q, scaling)
+        B, H = self.lengths.shape
+        L, M, D = int(self.lengths[0, 0]), q.shape[2], q.shape[3]
+        qf = q.float().reshape(B * H, M, D)
+        logits = self.keys.scores(qf, B * H, L) * scaling
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse.unsqueeze(-1))
+        out = self.values.weighted(probs, B * H, L)
+        return out.view(B, H, M, -1).to(q.dtype), lse.view(B, H, M)
 
     def merge(self, newer: QuantBlock) -> QuantBlock:
         a, b = self.lengths.flatten().tolist(), newer.lengths.flatten().tolist()
