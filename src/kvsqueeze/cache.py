@@ -251,7 +251,9 @@ class CompressedCache(Cache):
                     f"{int(keep.min())} per head; use a longer context, a smaller ratio or a larger budget"
                 )
             scores = self.method.scorer.score(ctx)
-            counts = self.method.budget.allocate(scores, keep, ctx)
+            counts = self.method.scorer.counts(scores, keep, ctx)  # head-aware selectors own their budgets
+            if counts is None:
+                counts = self.method.budget.allocate(scores, keep, ctx)
             keep_mask = select(scores, counts, valid)
             merged = self.method.scorer.merge(ctx, keep_mask)
             if merged is not None:

@@ -76,6 +76,11 @@ class Scorer(Component):
     def score(self, ctx: LayerContext) -> torch.Tensor:  # [B, H, L]
         raise NotImplementedError
 
+    def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor | None:
+        """Head-aware selectors that fix each head's count themselves (RazorAttention) return counts ``[B, H]``
+        here, overriding the budget axis; None (default) lets the budget component decide."""
+        return None
+
     def merge(self, ctx: LayerContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Merging methods fold evicted tokens into kept ones: return new ``(keys, values) [B, H, L, D]`` whose
         kept positions are stored instead of the originals; None (default) stores the kept tokens as they are."""

