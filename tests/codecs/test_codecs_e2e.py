@@ -17,6 +17,7 @@ CODECS = [
     "fp8:format=e5m2",
     "qjl:sketch=64",
     "gear:bits=2,group=16,rank=2",
+    "rotatekv:group=8,sinks=2",
 ]
 NEAR_LOSSLESS = ["int:bits=8", "kivi:bits=8,group=8,residual=8", "fp8", "qjl:sketch=2048,value_bits=8"]
 

@@ -1,6 +1,6 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import dense, fp8, gear, intquant, kivi, qjl, think
+from kvsqueeze.codecs import dense, fp8, gear, intquant, kivi, qjl, rotatekv, think
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "kivi",
     "partial_attention",
     "qjl",
+    "rotatekv",
     "think",
 ]
