@@ -192,6 +192,7 @@ class CompressedCache(Cache):
         self.num_layers = len(layers)
         self.scaling_override: float | None = None
         self._active: tuple[int, torch.Tensor] | None = None
+        self.shared_state: dict = {}  # cache-wide state of layer allocators (CAKE's cascade)
         self.compression_seconds = 0.0
         ensure_registered(model)
 
@@ -242,6 +243,7 @@ class CompressedCache(Cache):
             positions=None if position_ids is None else position_ids.expand(B, -1)[:, -L:],
             keep=keep,
             state=layer.state,
+            shared=self.shared_state,
         )
         if self.method.evicts:
             protected = self.method.scorer.protected(L)
@@ -313,6 +315,7 @@ class CompressedCache(Cache):
                 clone.state = dict(layer.state)
             twin.layers.append(clone)
         twin._active = None
+        twin.shared_state = dict(self.shared_state)
         return twin
 
     def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

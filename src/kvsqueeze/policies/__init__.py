@@ -3,6 +3,7 @@
 from kvsqueeze.policies import (
     adakv,
     baselines,
+    cake,
     h2o,
     keydiff,
     knorm,
@@ -24,6 +25,7 @@ __all__ = [
     "Scorer",
     "adakv",
     "baselines",
+    "cake",
     "h2o",
     "keydiff",
     "knorm",

@@ -30,6 +30,7 @@ class LayerContext:
     positions: torch.Tensor | None = None  # [B, L] RoPE positions (position_ids)
     keep: torch.Tensor | None = None  # [B] uniform per-head budget of each row
     state: dict = field(default_factory=dict)  # per-layer state a component keeps between calls
+    shared: dict = field(default_factory=dict)  # cache-wide state (layer allocators that cascade across layers)
 
     @property
     def groups(self) -> int:
