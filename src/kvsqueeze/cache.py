@@ -253,6 +253,7 @@ class CompressedCache(Cache):
                     f"{int(keep.min())} per head; use a longer context, a smaller ratio or a larger budget"
                 )
             scores = self.method.scorer.score(ctx)
+            ctx.scores = scores
             counts = self.method.scorer.counts(scores, keep, ctx)  # head-aware selectors own their budgets
             if counts is None:
                 counts = self.method.budget.allocate(scores, keep, ctx)
@@ -282,6 +283,8 @@ class CompressedCache(Cache):
             if r:
                 body[..., -r:] = False
             lengths = body.sum(-1).cpu()
+            if ctx is not None:
+                ctx.stored = body
             layer.blocks = (
                 [codec.encode(layer.keys[body], layer.values[body], lengths, ctx)] if int(lengths.sum()) else []
             )

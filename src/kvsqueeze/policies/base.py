@@ -31,6 +31,8 @@ class LayerContext:
     keep: torch.Tensor | None = None  # [B] uniform per-head budget of each row
     state: dict = field(default_factory=dict)  # per-layer state a component keeps between calls
     shared: dict = field(default_factory=dict)  # cache-wide state (layer allocators that cascade across layers)
+    scores: torch.Tensor | None = None  # [B, H, L] the scorer's scores, set by the cache after scoring (codecs read it)
+    stored: torch.Tensor | None = None  # [B, H, L] bool: tokens handed to Codec.encode (flat order), set by the cache
 
     @property
     def groups(self) -> int:
