@@ -9,6 +9,9 @@ for every query in the second copy we check where each head's top attention (ove
 A head's score is the fraction of queries whose top attention hits the echo / induction target; a KV head
 takes the best of its query heads (its storage is shared by the group, so one retrieval query head is enough
 to keep it whole). Scores are cached per model as JSON under ``kvsqueeze.models.cache_dir() / "heads"``.
+
+The same calibration also records PrefixKV's offline per-layer importance profiles (``prefix_curves``, see
+:func:`layer_curves` and ``policies/prefixkv.py``) from two 1k-token passages of the essays.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from kvsqueeze.errors import KVSqueezeError
 
 PROBES = 8
 SPAN = 128
+CURVE_POINTS = 101
+CURVE_TOKENS = 1024
 
 
 def heads_path(model: str | None) -> Path:
@@ -78,6 +83,40 @@ def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]
     return {"echo": per_kv(echo), "induction": per_kv(induction)}
 
 
+@torch.no_grad()
+def layer_curves(model, texts: list[torch.Tensor], window: int = 32, points: int = CURVE_POINTS) -> list[list[float]]:
+    """PrefixKV's per-layer importance profile (Lorenz curve): for retention fractions ``0, 1/(points-1), …, 1``
+    of the context (observation window excluded), the share of the layer's attention mass the most important
+    tokens hold. Importance = attention of the last ``window`` queries, summed, averaged over heads."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    grid = torch.linspace(0, 1, points)
+    try:
+        total = None
+        for ids in texts:
+            out = model(input_ids=ids[None], output_attentions=True, use_cache=False)
+            curves = []
+            for att in out.attentions:  # [1, Hq, L, L]
+                L = att.shape[-1]
+                votes = att[0, :, -window:, : L - window].float().sum(1).mean(0)  # [L - window]
+                share = torch.sort(votes, descending=True).values.cumsum(0) / votes.sum().clamp(min=1e-30)
+                share = torch.cat([torch.zeros(1), share])  # share(0 tokens) = 0
+                curves.append(_interp(grid * (share.numel() - 1), share))
+            curves = torch.stack(curves)
+            total = curves if total is None else total + curves
+    finally:
+        model.set_attn_implementation(previous)
+    return (total / len(texts)).tolist()
+
+
+def _interp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (sampled at 0, 1, 2, …) linearly interpolated at positions ``x``."""
+    lo = x.floor().long().clamp(max=y.numel() - 1)
+    hi = (lo + 1).clamp(max=y.numel() - 1)
+    t = x - lo.float()
+    return y[lo] * (1 - t) + y[hi] * t
+
+
 def save_head_scores(scores: dict, path: Path, **meta) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -96,6 +135,8 @@ def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     probes = make_probes(ids)
     scores = head_scores(net, probes)
+    natural = [torch.tensor(ids[i * CURVE_TOKENS : (i + 1) * CURVE_TOKENS]) for i in range(2)]
+    scores["prefix_curves"] = layer_curves(net, natural)  # PrefixKV's offline layer profile, same pass
     path = Path(out) if out is not None else heads_path(model)
     return save_head_scores(
         scores, path, model=model or "embedded", probes=len(probes), span=SPAN, num_layers=len(scores["echo"])
