@@ -1,6 +1,6 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import dense, fp8, gear, intquant, kivi, mikv, qjl, rotatekv, think
+from kvsqueeze.codecs import dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "gear",
     "intquant",
     "kivi",
+    "kvtuner",
     "mikv",
     "partial_attention",
     "qjl",

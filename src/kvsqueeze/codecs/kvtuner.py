@@ -1,0 +1,227 @@
+"""``kvtuner``: per-layer (key bits, value bits) chosen by an offline multi-objective search on calibration text.
+
+Paper: "KVTuner: Sensitivity-Aware Layer-wise Mixed Precision KV Cache Quantization for Efficient and Nearly
+Lossless LLM Inference", Li et al., arXiv 2502.04420.
+
+Calibration (:func:`calibrate_kvtuner`, CLI ``kvsqueeze calibrate kvtuner --model M --out F.json``):
+
+1. Sensitivity: the calibration text is prefilled once with a full cache; for every layer and every candidate
+   pair (the paper's KV8, K8V4, KV4, K4V2, KV2) only that layer's cache is quantized (KIVI layout) and the
+   next ``probe`` tokens are teacher-forced; the error is the mean KL divergence of the next-token distributions
+   from the full cache's.
+2. Intra-layer pruning: pairs dominated at a layer (no fewer bits and no lower error than another) are dropped.
+3. Inter-layer clustering: layers are grouped into ``clusters`` groups of similar sensitivity (quantiles of
+   their KV2 error); a group shares one pair, which shrinks the search space.
+4. Multi-objective search over (mean bits, total error): the exact Pareto front of group assignments under
+   the additive error model (dynamic programming over groups); the configuration of lowest error within
+   ``target`` mean bits is chosen and its real KL re-measured end to end.
+
+The codec ``kvtuner:config=F.json`` quantizes each layer with its pair (keys per-channel over ``group`` tokens,
+values per-token; the KIVI layout the paper uses), recent ``residual`` tokens in full precision.
+
+Deviations: the paper searches with NSGA-II on end-task accuracy; here the per-layer error is additive KL on
+calibration text, which makes the exact front computable (the chosen point is then measured for real).
+Calibration results are cached per model and parameters under ``cache_dir()/calibration``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock
+from kvsqueeze.codecs.calibration import cached, calibration_ids, model_key
+from kvsqueeze.codecs.quant import ChannelQ, QuantBlock, TokenQ
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.spec import register
+
+CANDIDATES: tuple[tuple[int, int], ...] = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
+
+
+def _kivi(keys, values, lengths, kbits: int, vbits: int, group: int) -> QuantBlock:
+    size = min(group, keys.shape[-1])
+    return QuantBlock(ChannelQ.encode(keys, lengths, kbits, group), TokenQ.encode(values, vbits, size), lengths)
+
+
+def _quantize_layer(cache, layer_idx: int, kbits: int, vbits: int, group: int) -> None:
+    """Replace one (uncompressed) layer's full-precision storage by a KIVI block at ``(kbits, vbits)``."""
+    layer = cache.layers[layer_idx]
+    B, H, L, D = layer.keys.shape
+    lengths = torch.full((B, H), L)
+    layer.blocks = [_kivi(layer.keys.reshape(-1, D), layer.values.reshape(-1, D), lengths, kbits, vbits, group)]
+    layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+    layer.compressions += 1
+
+
+def _probe_kl(model, cache, probe_ids, ref_logp) -> float:
+    with torch.no_grad():
+        logits = model(probe_ids, past_key_values=cache.fork(), use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+
+
+def pareto_front(errors: list[list[float]], bits: list[float], clusters: list[list[int]]) -> list[dict]:
+    """The exact Pareto front of (mean bits, total error) over one pair per cluster.
+
+    Dynamic programming over clusters on the total bit count (pair bits are multiples of 1/2): for every
+    reachable total the lowest-error assignment is kept, then dominated totals are dropped.
+    """
+    n_layers = sum(len(c) for c in clusters)
+    states: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # total half-bits -> (error, pair per cluster)
+    for members in clusters:
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for total, (err, choice) in states.items():
+            for p, b in enumerate(bits):
+                e = sum(errors[layer][p] for layer in members)
+                if e == float("inf"):
+                    continue
+                key = total + round(2 * b) * len(members)
+                if key not in nxt or err + e < nxt[key][0]:
+                    nxt[key] = (err + e, [*choice, p])
+        states = nxt
+    front, best = [], float("inf")
+    for total in sorted(states):
+        err, choice = states[total]
+        if err < best - 1e-15:
+            best = err
+            layers = [0] * n_layers
+            for members, p in zip(clusters, choice, strict=True):
+                for layer in members:
+                    layers[layer] = p
+            front.append({"pairs": layers, "mean_bits": total / 2 / n_layers, "error": err})
+    return front
+
+
+def search(
+    model,
+    tokenizer=None,
+    *,
+    n_tokens: int = 256,
+    probe: int = 16,
+    target: float = 4.0,
+    clusters: int = 4,
+    group: int = 32,
+    candidates: tuple[tuple[int, int], ...] = CANDIDATES,
+) -> dict:
+    """Run KVTuner's calibration on ``model`` and return the configuration (JSON-serializable)."""
+    from kvsqueeze.cache import CompressedCache, CompressedLayer
+
+    ids = calibration_ids(model, tokenizer, n_tokens + probe)
+    if ids.shape[1] < 2 * probe:
+        raise KVSqueezeError("calibration text too short; install the essays (`make install`)")
+    ctx_ids, probe_ids = ids[:, :-probe], ids[:, -probe:]
+    base = CompressedCache(model, "none")
+    with torch.no_grad():
+        model(ctx_ids, past_key_values=base, use_cache=True)
+        ref_logp = torch.log_softmax(model(probe_ids, past_key_values=base.fork()).logits.float(), -1)
+    layer_ids = [i for i, layer in enumerate(base.layers) if isinstance(layer, CompressedLayer)]
+    errors: list[list[float]] = []
+    for idx in layer_ids:
+        row = []
+        for kb, vb in candidates:
+            trial = base.fork()
+            _quantize_layer(trial, idx, kb, vb, group)
+            row.append(max(_probe_kl(model, trial, probe_ids, ref_logp), 0.0))
+        errors.append(row)
+    pair_bits = [(kb + vb) / 2 for kb, vb in candidates]
+    pruned = []  # intra-layer pruning: candidates a layer may use
+    for row in errors:
+        pruned.append(
+            [
+                p
+                for p in range(len(candidates))
+                if not any(pair_bits[o] <= pair_bits[p] and row[o] < row[p] for o in range(len(candidates)) if o != p)
+            ]
+        )
+    order = sorted(range(len(layer_ids)), key=lambda i: errors[i][-1])  # by sensitivity at the lowest bits
+    k = max(1, min(clusters, len(order)))
+    groups = [g for g in (order[i * len(order) // k : (i + 1) * len(order) // k] for i in range(k)) if g]
+    masked = [list(row) for row in errors]  # a group may use the pairs that survive pruning at any member
+    for members in groups:
+        allowed = set().union(*(pruned[i] for i in members))
+        for i in members:
+            masked[i] = [e if p in allowed else float("inf") for p, e in enumerate(errors[i])]
+    front = pareto_front(masked, pair_bits, groups)
+    feasible = [p for p in front if p["mean_bits"] <= target + 1e-9] or front[:1]
+    chosen = min(feasible, key=lambda p: p["error"])
+    pairs = {str(layer_ids[i]): list(candidates[p]) for i, p in enumerate(chosen["pairs"])}
+    trial = base.fork()
+    for layer, (kb, vb) in pairs.items():
+        _quantize_layer(trial, int(layer), kb, vb, group)
+    measured = _probe_kl(model, trial, probe_ids, ref_logp)
+    return {
+        "method": "kvtuner",
+        "paper": "arXiv 2502.04420",
+        "model": model_key(model),
+        "calibration": {"tokens": int(ctx_ids.shape[1]), "probe": probe, "group": group, "target_bits": target},
+        "candidates": [list(c) for c in candidates],
+        "sensitivity": {str(layer_ids[i]): row for i, row in enumerate(errors)},
+        "clusters": [[layer_ids[i] for i in g] for g in groups],
+        "pareto": [
+            {"mean_bits": p["mean_bits"], "error": p["error"], "pairs": [list(candidates[q]) for q in p["pairs"]]}
+            for p in front
+        ],
+        "layers": pairs,
+        "mean_bits": chosen["mean_bits"],
+        "predicted_kl": chosen["error"],
+        "measured_kl": measured,
+    }
+
+
+def calibrate_kvtuner(model: str | None, out: Path, dtype: str = "float32", **params) -> Path:
+    """Calibrate KVTuner for ``model`` (None = embedded SmolLM2), cache the result per model, write ``out``."""
+    from kvsqueeze.models import load_model
+
+    net, tokenizer = load_model(model, dtype)
+    config = cached(net, "kvtuner", {"dtype": dtype, **params}, lambda: search(net, tokenizer, **params))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(config, indent=1))
+    return out
+
+
+@lru_cache(maxsize=16)
+def load_config(path: str) -> dict[int, tuple[int, int]]:
+    """Per-layer ``(key bits, value bits)`` from a calibration file."""
+    file = Path(path)
+    if not file.is_file():
+        raise KVSqueezeError(f"kvtuner config {path!r} not found; run `kvsqueeze calibrate kvtuner --out {path}`")
+    try:
+        layers = json.loads(file.read_text())["layers"]
+        return {int(k): (int(v[0]), int(v[1])) for k, v in layers.items()}
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise KVSqueezeError(f"{path} is not a kvtuner configuration; rerun `kvsqueeze calibrate kvtuner`") from None
+
+
+@register
+class KVTunerCodec(Codec):
+    name = "kvtuner"
+    family = "codec"
+    paper = "KVTuner: Sensitivity-Aware Layer-wise Mixed Precision KV Cache Quantization"
+    arxiv = "2502.04420"
+
+    config: str = ""
+    group: int = 32
+    residual: int = 32
+
+    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
+        if ctx is None:  # decode-time flush: quantized by extend() with the layer's bits
+            return DenseBlock(keys, values, lengths)
+        if not self.config:
+            raise KVSqueezeError("kvtuner needs a configuration: kvtuner:config=F.json (kvsqueeze calibrate kvtuner)")
+        layers = load_config(self.config)
+        if ctx.layer_idx not in layers:
+            raise KVSqueezeError(
+                f"{self.config} has no bits for layer {ctx.layer_idx}; it was calibrated for another model"
+            )
+        kb, vb = layers[ctx.layer_idx]
+        return _kivi(keys, values, lengths, kb, vb, self.group)
+
+    def extend(self, block, newer):
+        if isinstance(block, QuantBlock) and isinstance(newer, DenseBlock):
+            kb, vb = block.keys.bits, block.values.bits
+            return block.merge(_kivi(newer.keys, newer.values, newer.lengths, kb, vb, self.group))
+        return None
