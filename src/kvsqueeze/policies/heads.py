@@ -10,8 +10,10 @@ A head's score is the fraction of queries whose top attention hits the echo / in
 takes the best of its query heads (its storage is shared by the group, so one retrieval query head is enough
 to keep it whole). Scores are cached per model as JSON under ``kvsqueeze.models.cache_dir() / "heads"``.
 
-The same calibration also records PrefixKV's offline per-layer importance profiles (``prefix_curves``, see
-:func:`layer_curves` and ``policies/prefixkv.py``) from two 1k-token passages of the essays.
+It also records CompressKV's *semantic retrieval* score (share of a head's top-8 attention landing within
+4 tokens of the token to copy: the evidence and its surrounding context) and PrefixKV's offline per-layer
+importance profiles (``prefix_curves``, see :func:`layer_curves` and ``policies/prefixkv.py``) from two
+1k-token passages of the essays.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from kvsqueeze.errors import KVSqueezeError
 PROBES = 8
 SPAN = 128
 CURVE_POINTS = 101
+SEMANTIC_TOP_K = 8
+SEMANTIC_RADIUS = 4
 CURVE_TOKENS = 1024
 
 
@@ -61,7 +65,7 @@ def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention weights are needed
     try:
-        echo = induction = None
+        echo = induction = semantic = None
         for probe in probes:
             S = probe.shape[0] // 2
             out = model(input_ids=probe[None], output_attentions=True, use_cache=False)
@@ -73,14 +77,21 @@ def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]
             j = rows - S
             hit_echo = (top == j).float().mean(-1)
             hit_ind = (top[..., :-1] == (j + 1)[:-1]).float().mean(-1)
+            # CompressKV's semantic retrieval: share of the head's top-k attention that lands on the copied token
+            # or its neighbourhood (the surrounding context), not only on the exact token
+            k = min(SEMANTIC_TOP_K, S)
+            top_k = att.masked_fill(~visible, -1.0).topk(k, dim=-1).indices  # [layers, Hq, S, k]
+            near = ((top_k - (j + 1)[:, None]).abs() <= SEMANTIC_RADIUS).float().mean(-1)
+            hit_sem = near[..., :-1].mean(-1)
             echo = hit_echo if echo is None else echo + hit_echo
             induction = hit_ind if induction is None else induction + hit_ind
+            semantic = hit_sem if semantic is None else semantic + hit_sem
     finally:
         model.set_attn_implementation(previous)
     L, Hq = echo.shape
     group = Hq // n_kv
     per_kv = lambda x: (x / len(probes)).view(L, n_kv, group).amax(-1).tolist()  # noqa: E731
-    return {"echo": per_kv(echo), "induction": per_kv(induction)}
+    return {"echo": per_kv(echo), "induction": per_kv(induction), "semantic": per_kv(semantic)}
 
 
 @torch.no_grad()
