@@ -90,7 +90,7 @@ def capture_prefill(model, input_ids: torch.Tensor) -> Prefill:
         model.set_attn_implementation(KVSQUEEZE_ATTENTION)
     seconds = time.perf_counter() - start
     layers = [records[i] for i in range(len(cache.layers))]
-    return Prefill(layers, out.logits[0, -1], int(input_ids.shape[-1]), seconds)
+    return Prefill(layers, out.logits[0, -1].float().cpu(), int(input_ids.shape[-1]), seconds)
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | No
 
 @torch.no_grad()
 def forward(model, cache: CompressedCache, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """Append ``ids [1, n]`` to ``cache`` and return the logits ``[n or keep, V]``."""
+    """Append ``ids [1, n]`` to ``cache`` and return the logits ``[n or keep, V]`` (float32, on the CPU)."""
     past = cache.get_seq_length()
     ids = ids.to(model.device)
     out = model(
@@ -123,7 +123,7 @@ def forward(model, cache: CompressedCache, ids: torch.Tensor, keep: int = 0) -> 
         use_cache=True,
         logits_to_keep=keep,
     )
-    return out.logits[0]
+    return out.logits[0].float().cpu()
 
 
 @dataclass

@@ -148,8 +148,8 @@ class Job:
 class ModelProvider:
     """Loads the tokenizer (cheap, needed to build samples) and, only when a cell runs, the model — once."""
 
-    def __init__(self, name: str | None = None, dtype: str = "float32"):
-        self.name, self.dtype = name, dtype
+    def __init__(self, name: str | None = None, dtype: str = "float32", device: str = "cpu"):
+        self.name, self.dtype, self.device = name, dtype, device
         self.model_loads = 0
 
     @cached_property
@@ -172,7 +172,7 @@ class ModelProvider:
         from kvsqueeze.models import load_model
 
         self.model_loads += 1
-        model, _ = load_model(self.name, dtype=self.dtype)
+        model, _ = load_model(self.name, dtype=self.dtype, device=self.device)
         return model
 
 

@@ -1,0 +1,69 @@
+"""``--executor ray``: the samples of a sweep run as Ray tasks on actors that each load the model once.
+
+Ray is optional (``pip install ray``; not a kvsqueeze dependency). The driver builds the samples, keeps the
+resume bookkeeping and appends every row to ``results.jsonl`` itself, so rows stay atomic and ``--resume`` works
+exactly as with the local executor. The unit of work is one sample with its pending cells (they share one
+prefill). Workers: one per GPU of the cluster (each actor asks for a GPU and loads the model there), else
+``KVSQUEEZE_RAY_WORKERS`` (default 1) CPU actors. ``ray.init()`` connects to ``RAY_ADDRESS`` when set, else
+starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from kvsqueeze.errors import KVSqueezeError
+
+
+def _default_factory(model: str | None, dtype: str):
+    import torch
+
+    from kvsqueeze.bench.runner import ModelProvider
+
+    return ModelProvider(model, dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(
+        self,
+        provider_factory: Callable[[], object] | None = None,
+        num_workers: int | None = None,
+        init_kwargs: dict | None = None,
+    ):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise KVSqueezeError("--executor ray needs Ray: pip install ray (or use --executor local)") from None
+        self.provider_factory = provider_factory
+        self.num_workers = num_workers
+        self.init_kwargs = init_kwargs or {}
+
+    def run(self, jobs, config, provider, on_row) -> None:
+        import ray
+        from ray.util import ActorPool
+
+        from kvsqueeze.bench.runner import environment, run_job
+
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        workers = self.num_workers or gpus or int(os.environ.get("KVSQUEEZE_RAY_WORKERS", "1"))
+        factory = self.provider_factory or (lambda: _default_factory(config.model, config.dtype))
+        env = environment()
+
+        @ray.remote(num_gpus=1 if gpus else 0)
+        class Worker:
+            def __init__(self):
+                self.provider = factory()
+
+            def run(self, job):
+                p = self.provider
+                return list(run_job(job, config, p.model, p.tokenizer, env))
+
+        pool = ActorPool([Worker.remote() for _ in range(max(1, min(workers, len(jobs))))])
+        for rows in pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs):
+            for row in rows:
+                on_row(row)
