@@ -18,6 +18,7 @@ CODECS = [
     "qjl:sketch=64",
     "gear:bits=2,group=16,rank=2",
     "rotatekv:group=8,sinks=2",
+    "bfp:bits=4,block=8,group=8",
 ]
 NEAR_LOSSLESS = ["int:bits=8", "kivi:bits=8,group=8,residual=8", "fp8", "qjl:sketch=2048,value_bits=8"]
 

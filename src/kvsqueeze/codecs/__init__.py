@@ -1,12 +1,13 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think
+from kvsqueeze.codecs import bfp, dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
 __all__ = [
     "Codec",
     "DenseBlock",
     "KVBlock",
+    "bfp",
     "dense",
     "fp8",
     "gear",
