@@ -7,9 +7,22 @@ import torch
 
 from kvsqueeze.bench.capture import build_cache, capture_prefill, forward, greedy
 from kvsqueeze.cache import CompressedCache
+from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model
 
-METHODS = ["none", "snapkv", "h2o", "streaming_llm", "tova", "knorm", "keydiff", "snapkv+pyramidkv", "snapkv+adakv"]
+METHODS = [
+    "none",
+    "snapkv",
+    "h2o",
+    "streaming_llm",
+    "tova",
+    "knorm",
+    "keydiff",
+    "snapkv+pyramidkv",
+    "snapkv+adakv",
+    "kivi",
+    "snapkv+kivi",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +38,7 @@ def _prompt(n: int = 160, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("method", METHODS)
 def test_captured_path_equals_live_generate(model, method):
     """Query-aware: generate() compressing during its forward pass vs. build_cache() from one captured prefill."""
-    ratio = None if method == "none" else 0.5
+    ratio = 0.5 if parse_method(method).evicts else None
     ids = _prompt()
     live_cache = CompressedCache(model, method, ratio=ratio)
     with torch.no_grad():
