@@ -79,3 +79,24 @@ def test_query_agnostic_matches_live_prefill(model):
     expected = forward(model, live, question)
     cache = build_cache(model, capture_prefill(model, ctx), "tova", 0.5)
     torch.testing.assert_close(forward(model, cache, question), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "kivi"])
+def test_captured_path_equals_live_on_sliding_window_layers(method):
+    """Gemma-3 (sliding + global layers): sliding layers keep their window in both paths."""
+    model = tiny_model("gemma3")
+    ratio = 0.5 if parse_method(method).evicts else None
+    ids = _prompt(120, seed=4)
+    live_cache = CompressedCache(model, method, ratio=ratio)
+    with torch.no_grad():
+        live = model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=live_cache, max_new_tokens=5,
+            do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+    prefill = capture_prefill(model, ids)
+    cache = build_cache(model, prefill, method, ratio)
+    out = greedy(model, cache, prefill.last_logits, 5, eos=set(), keep_logits=True)
+    assert out.tokens == live.sequences[0, ids.shape[-1] :].tolist()
+    for mine, theirs in zip(out.logits, live.logits, strict=True):
+        torch.testing.assert_close(mine, theirs[0], rtol=1e-5, atol=1e-5)
+    assert cache.nbytes() == live_cache.nbytes()
