@@ -19,6 +19,8 @@ CODECS = [
     "gear:bits=2,group=16,rank=2",
     "rotatekv:group=8,sinks=2",
     "bfp:bits=4,block=8,group=8",
+    "mikv:group=8",
+    "zipcache:group=8",
 ]
 NEAR_LOSSLESS = ["int:bits=8", "kivi:bits=8,group=8,residual=8", "fp8", "qjl:sketch=2048,value_bits=8"]
 

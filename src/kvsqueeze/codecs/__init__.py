@@ -1,6 +1,6 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import bfp, dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think
+from kvsqueeze.codecs import bfp, dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think, zipcache
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "qjl",
     "rotatekv",
     "think",
+    "zipcache",
 ]
