@@ -101,7 +101,7 @@ def search(
     *,
     n_tokens: int = 256,
     probe: int = 16,
-    target: float = 4.0,
+    target: float = 3.0,
     clusters: int = 4,
     group: int = 32,
     candidates: tuple[tuple[int, int], ...] = CANDIDATES,
