@@ -32,6 +32,7 @@ def test_methods_on_smollm2(smollm2, calibration):
         "layer_defensivekv",
         "chunkkv",
         f"compresskv:heads={calibration}",
+        "kvcrush",
     ]
     config = model.config
     per_token = 2 * config.head_dim * 4  # keys + values, fp32
