@@ -26,6 +26,7 @@ Calibration results are cached per model and parameters under ``cache_dir()/cali
 
 from __future__ import annotations
 
+import inspect
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -176,7 +177,12 @@ def calibrate_kvtuner(model: str | None, out: Path, dtype: str = "float32", **pa
     from kvsqueeze.models import load_model
 
     net, tokenizer = load_model(model, dtype)
-    config = cached(net, "kvtuner", {"dtype": dtype, **params}, lambda: search(net, tokenizer, **params))
+    effective = {
+        name: p.default for name, p in inspect.signature(search).parameters.items() if p.kind is p.KEYWORD_ONLY
+    }
+    effective.update(params)
+    key = {"dtype": dtype, **{k: [list(c) for c in v] if k == "candidates" else v for k, v in effective.items()}}
+    config = cached(net, "kvtuner", key, lambda: search(net, tokenizer, **params))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(config, indent=1))
