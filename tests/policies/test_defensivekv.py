@@ -59,3 +59,15 @@ def test_generate_defensive_variants(tiny_model):
         assert out.shape == (2, 51)
         total = sum(layer.kept_lengths() - 2 for layer in cache.layers).sum(-1)  # per row, minus decoded tokens
         assert total.tolist() == [2 * 2 * 24, 2 * 2 * 24]
+
+
+def test_layer_share_respects_the_safeguard_floor():
+    layers = [torch.rand(40) * s for s in (0.01, 5.0, 5.0, 5.0)]  # layer 0 would get only its protected tokens
+    spent, shares, seen = 0, [], []
+    for i, scores in enumerate(layers):
+        seen.append(scores)
+        share = layer_share(seen, spent, i, 4, keep_total=20, lo=4, hi=44, floor=8)
+        shares.append(share)
+        spent += share
+    assert sum(shares) == 80 and min(shares) >= 8
+    assert layer_share([layers[0]], 0, 0, 4, keep_total=20, lo=4, hi=44) < 8  # without the floor it would starve

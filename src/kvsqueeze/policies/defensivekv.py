@@ -18,8 +18,9 @@ scorer (CriticalKV) also multiplies by the norm of the output-projected value, w
 projection that the cache does not see. (2) Layer-DefensiveKV's global top-k needs every layer's scores, but
 layers are compressed one at a time and never re-evicted: the cross-layer threshold is estimated online
 (cache-wide state) as the score that would select the budget spent so far plus this layer's share among all
-scores seen so far; each layer keeps its scores above it, clamped so the remaining layers stay feasible, and
-the last layer takes the remainder — the total is exact, the split approximates the paper's. Observation
+scores seen so far; each layer keeps its scores above it, never less than Ada-KV's safeguard
+(``alpha × keep`` per head), clamped so the remaining layers stay feasible, and the last layer takes the
+remainder — the total is exact, the split approximates the paper's. Observation
 window tokens are always kept (``PROTECTED``).
 """
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvsqueeze.policies.adakv import AdaKVBudget
+from kvsqueeze.policies.adakv import AdaKVBudget, safeguard
 from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
 from kvsqueeze.spec import register
 
@@ -69,11 +70,14 @@ class DefensiveKV(Scorer):
         return AdaKVBudget(alpha=self.alpha).allocate(scores, keep_per_head, ctx)
 
 
-def layer_share(seen: list[torch.Tensor], spent: int, layer: int, num_layers: int, keep_total: int, lo: int, hi: int):
+def layer_share(
+    seen: list[torch.Tensor], spent: int, layer: int, num_layers: int, keep_total: int, lo: int, hi: int, floor: int = 0
+):
     """Online cross-layer share of this layer (sum over layers = ``num_layers × keep_total``).
 
     ``seen``: flattened finite scores of layers ``0..layer`` (this one last); ``keep_total``: ``H × keep``;
-    ``lo``: the layer's protected tokens (kept on top of the scores above the threshold); ``hi``: ``H × n``.
+    ``lo``: the layer's protected tokens (kept on top of the scores above the threshold); ``hi``: ``H × n``;
+    ``floor``: the smallest share a layer may get (Ada-KV's safeguard applied to layers).
     """
     remaining = num_layers * keep_total - spent
     future = num_layers - 1 - layer
@@ -84,6 +88,7 @@ def layer_share(seen: list[torch.Tensor], spent: int, layer: int, num_layers: in
         k = min(pool.numel(), (layer + 1) * (keep_total - lo))
         threshold = torch.topk(pool, k).values[-1] if k else torch.tensor(float("inf"))
         share = lo + int((seen[-1] >= threshold).sum())
+    lo = max(lo, floor)
     share = min(share, hi, remaining - future * lo)
     return max(share, lo, remaining - future * hi)
 
@@ -108,7 +113,10 @@ class LayerDefensiveKV(DefensiveKV):
             row["seen"].append(s[torch.isfinite(s)].flatten().cpu())
             k, n = int(keep_per_head[b]), int(n_real[b])
             p = min(self.window, n, k)
-            layer_total = layer_share(row["seen"], row["spent"], ctx.layer_idx, ctx.num_layers, H * k, H * p, H * n)
+            guard = H * min(max(p, safeguard(k, self.alpha)), k)  # Ada-KV's safeguard, per layer
+            layer_total = layer_share(
+                row["seen"], row["spent"], ctx.layer_idx, ctx.num_layers, H * k, H * p, H * n, floor=guard
+            )
             row["spent"] += layer_total
             # split the layer's total over its heads head-adaptively (Ada-KV), as DefensiveKV does
             per_head = torch.tensor([layer_total // H + (1 if h < layer_total % H else 0) for h in range(H)])
