@@ -62,12 +62,18 @@ def test_generate_defensive_variants(tiny_model):
 
 
 def test_layer_share_respects_the_safeguard_floor():
-    layers = [torch.rand(40) * s for s in (0.01, 5.0, 5.0, 5.0)]  # layer 0 would get only its protected tokens
-    spent, shares, seen = 0, [], []
-    for i, scores in enumerate(layers):
-        seen.append(scores)
-        share = layer_share(seen, spent, i, 4, keep_total=20, lo=4, hi=44, floor=8)
-        shares.append(share)
-        spent += share
+    torch.manual_seed(1)
+    layers = [torch.rand(40) * s for s in (5.0, 0.01, 5.0, 5.0)]  # layer 1 is weak next to layer 0
+
+    def run(floor):
+        spent, shares, seen = 0, [], []
+        for i, scores in enumerate(layers):
+            seen.append(scores)
+            share = layer_share(seen, spent, i, 4, keep_total=20, lo=4, hi=44, floor=floor)
+            shares.append(share)
+            spent += share
+        return shares
+
+    assert run(0)[1] < 8  # without the floor the weak layer keeps little more than its protected tokens
+    shares = run(8)
     assert sum(shares) == 80 and min(shares) >= 8
-    assert layer_share([layers[0]], 0, 0, 4, keep_total=20, lo=4, hi=44) < 8  # without the floor it would starve
