@@ -113,3 +113,17 @@ def test_bad_codec_parameters_raise_one_line():
         parse_method("int:bits=5")
     with pytest.raises(KVSqueezeError, match="divide"):
         parse_method("int:size=24").codec.encode(torch.zeros(4, 64), torch.zeros(4, 64), torch.tensor([[4]]))
+
+
+def test_effective_bits_of_a_cache_count_metadata_and_the_full_precision_tail(llama):
+    from kvsqueeze import CompressedCache
+    from kvsqueeze.codecs.quant import effective_bits
+
+    ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    dense = CompressedCache(llama, "none")
+    llama(ids, past_key_values=dense)
+    assert effective_bits(dense) == 32.0
+    cache = CompressedCache(llama, "kivi:bits=2,group=16,residual=16")
+    llama(ids, past_key_values=cache)
+    # 48 tokens at 2 bits + fp16 scale/zero per 16 elements (4 bits) and 16 fp32 tokens, per head.
+    assert abs(effective_bits(cache) - (48 * 4 + 16 * 32) / 64) < 0.2

@@ -291,3 +291,18 @@ def bits_per_element(block: KVBlock) -> float:
         return 0.0
     dim = getattr(block, "dim", None) or block.materialize(torch.float32)[0].shape[-1]
     return 8.0 * block.nbytes() / (2 * n * dim)
+
+
+def effective_bits(cache) -> float:
+    """Bits per key/value element a :class:`~kvsqueeze.cache.CompressedCache` holds for the tokens it keeps:
+    8 × ``cache.nbytes()`` / (2 × kept tokens × head dim), every block's metadata and the full-precision tail
+    (residual window) included."""
+    from kvsqueeze.cache import CompressedLayer
+
+    elements = 0
+    for layer in cache.layers:
+        if isinstance(layer, CompressedLayer) and layer.is_initialized:
+            elements += 2 * int(layer.kept_lengths().sum()) * layer.keys.shape[-1]
+        elif getattr(layer, "is_initialized", False):
+            elements += layer.keys.numel() + layer.values.numel()
+    return 8.0 * cache.nbytes() / elements if elements else 0.0
