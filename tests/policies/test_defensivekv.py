@@ -77,3 +77,15 @@ def test_layer_share_respects_the_safeguard_floor():
     assert run(0)[1] < 8  # without the floor the weak layer keeps little more than its protected tokens
     shares = run(8)
     assert sum(shares) == 80 and min(shares) >= 8
+
+
+def test_tie_break_orders_tokens_at_the_prior_by_their_mean():
+    per_query = torch.zeros(1, 1, 1, 4, 5)
+    per_query[..., 0] = 1.0  # far above the mean
+    per_query[..., 0:2, 1] = 0.05  # below the mean, attended twice
+    per_query[..., 0:1, 2] = 0.05  # below the mean, attended once (same max as token 1)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    plain = defensive_aggregate(per_query, valid)[0, 0]
+    assert plain[1] == plain[2]  # the floor ties them
+    ordered = defensive_aggregate(per_query, valid, tie_break=1e-3)[0, 0]
+    assert ordered[0] > ordered[1] > ordered[2] > ordered[3]

@@ -20,7 +20,9 @@ layers are compressed one at a time and never re-evicted: the cross-layer thresh
 (cache-wide state) as the score that would select the budget spent so far plus this layer's share among all
 scores seen so far; each layer keeps its scores above it, never less than Ada-KV's safeguard
 (``alpha × keep`` per head), clamped so the remaining layers stay feasible, and the last layer takes the
-remainder — the total is exact, the split approximates the paper's. Observation
+remainder — the total is exact, the split approximates the paper's. (3) The prior floor makes every
+below-mean token equal; the paper leaves that tie to the top-k kernel, here ``tie_break × mean aggregation``
+orders them (``tie_break=0`` restores the plain rule). Observation
 window tokens are always kept (``PROTECTED``).
 """
 
@@ -34,13 +36,17 @@ from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
 from kvsqueeze.spec import register
 
 
-def defensive_aggregate(per_query: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def defensive_aggregate(per_query: torch.Tensor, valid: torch.Tensor, tie_break: float = 0.0) -> torch.Tensor:
     """``per_query [B, H, G, w, L]`` importance → ``[B, H, L]``: max over queries and group heads, floored at the
-    head's mean over real tokens."""
+    head's mean over real tokens. ``tie_break`` adds that fraction of the mean aggregation, which orders the
+    tokens the floor made equal."""
     worst = per_query.amax(dim=(2, 3))  # [B, H, L]
     real = valid[:, None, :].to(worst.dtype)
     prior = (worst * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp(min=1)
-    return worst.clamp(min=prior)
+    scores = worst.clamp(min=prior)
+    if tie_break:
+        scores = scores + tie_break * per_query.mean(dim=(2, 3))
+    return scores
 
 
 @register
@@ -52,6 +58,7 @@ class DefensiveKV(Scorer):
     window: int = Field(32, ge=1)
     alpha: float = Field(0.2, ge=0.0, le=1.0)  # Ada-KV safeguard of the head-wise allocation
     headwise: bool = True
+    tie_break: float = Field(1e-3, ge=0.0)  # weight of the mean aggregation that orders tokens tied at the prior
 
     def protected(self, length: int) -> int:
         return min(self.window, length)
@@ -59,7 +66,7 @@ class DefensiveKV(Scorer):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         att = ctx.window_attention(self.window)  # [B, Hq, w, L]
         B, Hq, w, L = att.shape
-        scores = defensive_aggregate(att.view(B, Hq // ctx.groups, ctx.groups, w, L), ctx.valid)
+        scores = defensive_aggregate(att.view(B, Hq // ctx.groups, ctx.groups, w, L), ctx.valid, self.tie_break)
         in_window = torch.zeros_like(ctx.valid)
         in_window[:, -min(self.window, L) :] = True
         return scores.masked_fill(in_window[:, None, :], PROTECTED)
