@@ -102,7 +102,7 @@ class BFPBlock(KVBlock):
 @register
 class BFPCodec(Codec):
     name = "bfp"
-    family = "codec"
+    family = "quantization"
     paper = "Accurate Block Quantization in LLMs with Outliers (block floating point, K-sort)"
     arxiv = "2403.20137"
 

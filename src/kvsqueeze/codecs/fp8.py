@@ -87,7 +87,7 @@ class FP8Block(KVBlock):
 @register
 class FP8Codec(Codec):
     name = "fp8"
-    family = "codec"
+    family = "quantization"
     paper = "FP8 Formats for Deep Learning (e4m3/e5m2 KV cache, per-head scales)"
     arxiv = "2209.05433"
 

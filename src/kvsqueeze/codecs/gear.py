@@ -108,7 +108,7 @@ class GearBlock(KVBlock):
 @register
 class GEARCodec(Codec):
     name = "gear"
-    family = "codec"
+    family = "quantization"
     paper = "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless Generative Inference of LLM"
     arxiv = "2403.05527"
 

@@ -35,7 +35,7 @@ def merge_blocks(block: KVBlock, newer: KVBlock) -> KVBlock | None:
 @register
 class IntCodec(Codec):
     name = "int"
-    family = "codec"
+    family = "quantization"
     paper = "uniform asymmetric integer quantization (baseline)"
 
     bits: Bits = 4

@@ -27,7 +27,7 @@ from kvsqueeze.spec import register
 @register
 class KIVICodec(Codec):
     name = "kivi"
-    family = "codec"
+    family = "quantization"
     paper = "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache"
     arxiv = "2402.02750"
 

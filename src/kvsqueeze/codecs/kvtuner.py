@@ -205,7 +205,7 @@ def load_config(path: str) -> dict[int, tuple[int, int]]:
 @register
 class KVTunerCodec(Codec):
     name = "kvtuner"
-    family = "codec"
+    family = "quantization"
     paper = "KVTuner: Sensitivity-Aware Layer-wise Mixed Precision KV Cache Quantization"
     arxiv = "2502.04420"
 

@@ -67,7 +67,7 @@ class MixedBlock(KVBlock):
 @register
 class MiKVCodec(Codec):
     name = "mikv"
-    family = "codec"
+    family = "quantization"
     paper = "No Token Left Behind: Reliable KV Cache Compression via Importance-Aware Mixed Precision Quantization"
     arxiv = "2402.18096"
 

@@ -168,7 +168,7 @@ class QJLBlock(KVBlock):
 @register
 class QJLCodec(Codec):
     name = "qjl"
-    family = "codec"
+    family = "quantization"
     paper = "QJL: 1-Bit Quantized JL Transform for KV Cache Quantization with Zero Overhead"
     arxiv = "2406.03482"
 

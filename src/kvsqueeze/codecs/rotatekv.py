@@ -131,7 +131,7 @@ class RotateBlock(KVBlock):
 @register
 class RotateKVCodec(Codec):
     name = "rotatekv"
-    family = "codec"
+    family = "quantization"
     paper = "RotateKV: Accurate and Robust 2-Bit KV Cache Quantization via Outlier-Aware Adaptive Rotations"
     arxiv = "2501.16383"
 

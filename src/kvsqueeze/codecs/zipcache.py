@@ -91,7 +91,7 @@ def normalized_attention(ctx, probe: float, seed: int = 0) -> torch.Tensor:
 @register
 class ZipCacheCodec(Codec):
     name = "zipcache"
-    family = "codec"
+    family = "quantization"
     paper = "ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification"
     arxiv = "2405.14256"
 
