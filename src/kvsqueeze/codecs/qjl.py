@@ -196,7 +196,9 @@ class QJLCodec(Codec):
         counts = lengths.flatten().tolist()
         out_idx = torch.stack(
             [
-                k_h.float().norm(dim=0).topk(o).indices.sort().values if k_h.shape[0] else torch.arange(o)
+                k_h.float().norm(dim=0).topk(o).indices.sort().values
+                if k_h.shape[0]
+                else torch.arange(o, device=keys.device)
                 for k_h in keys.split(counts)
             ]
         ).to(torch.uint8)

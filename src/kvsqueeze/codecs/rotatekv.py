@@ -153,7 +153,9 @@ class RotateKVCodec(Codec):
         body_counts = [n - s for n, s in zip(counts, sink_counts, strict=True)]
         perms, sk, sv, bk, bv = [], [], [], [], []
         for k_h, v_h, s in zip(keys.split(counts), values.split(counts), sink_counts, strict=True):
-            perms.append(outlier_order(k_h[s:].float(), block) if k_h.shape[0] > s else torch.arange(D))
+            perms.append(
+                outlier_order(k_h[s:].float(), block) if k_h.shape[0] > s else torch.arange(D, device=keys.device)
+            )
             sk.append(k_h[:s])
             sv.append(v_h[:s])
             bk.append(fwht(k_h[s:].float()[:, perms[-1]], block))
