@@ -65,7 +65,9 @@ class GearTensor:
                 a = seg.new_zeros(seg.shape[0], rank)
                 b = seg.new_zeros(rank, D)
                 if r:
-                    U, S, V = torch.svd_lowrank(seg, q=r, niter=niter)
+                    with torch.random.fork_rng(devices=[]):  # deterministic sketch, global RNG untouched
+                        torch.manual_seed(0)
+                        U, S, V = torch.svd_lowrank(seg, q=r, niter=niter)
                     a[:, :r], b[:r] = U * S, V.t()
                 a_parts.append(a)
                 b_parts.append(b)
