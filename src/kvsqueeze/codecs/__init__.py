@@ -1,6 +1,6 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import bfp, dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think, zipcache
+from kvsqueeze.codecs import bfp, cskv, dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think, zipcache
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "DenseBlock",
     "KVBlock",
     "bfp",
+    "cskv",
     "dense",
     "fp8",
     "gear",
