@@ -221,18 +221,14 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
 
 
 def _heatmap(plt, metrics: list[dict], path: Path) -> Path:
+    """Mean score per needle depth × context length, one panel per method@ratio (one matrix for one length)."""
     import numpy as np
 
     configs = sorted({(m["method"], m["ratio"]) for m in metrics}, key=lambda x: _order(("", *x)))
     depths = sorted({m["meta"]["depth"] for m in metrics})
     lengths = sorted({m["meta"].get("length") or 0 for m in metrics})
-    cols = min(4, len(configs))
-    nrows = math.ceil(len(configs) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols + 1, 2.4 * nrows + 0.6), squeeze=False)
-    for ax in axes.flat[len(configs) :]:
-        ax.axis("off")
-    image = None
-    for ax, (method, ratio) in zip(axes.flat, configs, strict=False):
+
+    def grid_for(method, ratio):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for i, d in enumerate(depths):
             for j, n in enumerate(lengths):
@@ -240,15 +236,36 @@ def _heatmap(plt, metrics: list[dict], path: Path) -> Path:
                         and m["meta"]["depth"] == d and (m["meta"].get("length") or 0) == n]  # fmt: skip
                 if vals:
                     grid[i, j] = sum(vals) / len(vals)
+        return grid
+
+    depth_labels = [f"{d:.0%}" for d in depths]
+    if len(lengths) == 1:  # one matrix: depth × method@ratio
+        grid = np.concatenate([grid_for(*c) for c in configs], axis=1)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(configs), 1.6 + 0.42 * len(depths)), layout="constrained")
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_title(_label(method, ratio), fontsize=8)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-        ax.set_xlabel("context tokens", fontsize=7)
-        ax.set_ylabel("needle depth", fontsize=7)
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="score")
-    fig.suptitle("NIAH: score by needle depth × context length")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(configs)), [_label(*c) for c in configs], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(depths)), depth_labels, fontsize=7)
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"NIAH score by needle depth, {lengths[0]} tokens")
+    else:
+        cols = min(4, len(configs))
+        nrows = math.ceil(len(configs) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(2.8 * cols + 1.2, 2.6 * nrows + 0.8), squeeze=False,
+                                 sharex=True, sharey=True, layout="constrained")  # fmt: skip
+        for ax in axes.flat[len(configs) :]:
+            ax.axis("off")
+        for ax, (method, ratio) in zip(axes.flat, configs, strict=False):
+            image = ax.imshow(grid_for(method, ratio), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_title(_label(method, ratio), fontsize=8)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), depth_labels, fontsize=7)
+        fig.supxlabel("context tokens", fontsize=8)
+        fig.supylabel("needle depth", fontsize=8)
+        fig.suptitle("NIAH: score by needle depth × context length")
+    fig.colorbar(image, ax=fig.axes, shrink=0.8, label="score")
     return _save(fig, path, tight=False)
 
 
