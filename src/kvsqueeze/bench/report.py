@@ -177,18 +177,22 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
         full = look.get((task, "full", None, "score"))
         if full:
             ax.axhline(full["mean"], color="black", ls="--", lw=1, label="full cache")
-        for method in methods:
+        for i, method in enumerate(methods):
             pts = sorted(
                 (s["ratio"], s["mean"], s["ci95"]) for (t, m, r, k), s in look.items()
                 if t == task and m == method and k == "score" and r is not None
             )  # fmt: skip
             if pts:
                 xs, ys, es = zip(*pts, strict=True)
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+                dodge = (i - (len(methods) - 1) / 2) * 0.006  # keep overlapping error bars apart
+                xs = [x + dodge for x in xs]
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, alpha=0.85)
             else:
                 s = look.get((task, method, None, "score"))
                 if s:
                     ax.axhline(s["mean"], ls=":", lw=1.2, label=f"{method} (no ratio)")
+        if task not in LOWER_IS_BETTER:  # fractions of answers found: CI bars are clipped to the possible range
+            ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("ratio (fraction of tokens removed)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{task}: score vs. compression ratio")
