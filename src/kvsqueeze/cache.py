@@ -63,14 +63,18 @@ class CompressedLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
         if self.compressed and not self.codec.is_dense:
-            self.flush_residual()
+            new = key_states.shape[-2]
+            self.flush_residual(hold=new if new > 1 else 0)
         return self.keys, self.values
 
-    def flush_residual(self) -> None:
-        """Encode the oldest tail tokens beyond the codec's full-precision residual, whole groups at a time."""
+    def flush_residual(self, hold: int = 0) -> None:
+        """Encode the oldest tail tokens beyond the codec's full-precision residual, whole groups at a time.
+
+        ``hold``: the newest tokens stay in the tail regardless (the tokens of a multi-token forward, so that they
+        attend to each other causally through the tail's mask; they are flushed at the next update)."""
         recent = self.keys.shape[-2] - self.n_front
         group = max(self.codec.group, 1)
-        n = (recent - self.codec.residual) // group * group
+        n = (recent - max(self.codec.residual, hold)) // group * group
         if n <= 0 or self.n_front:
             return
         B, H, _, D = self.keys.shape
@@ -192,7 +196,7 @@ class CompressedCache(Cache):
         self.num_layers = len(layers)
         self.scaling_override: float | None = None
         self._active: tuple[int, torch.Tensor] | None = None
-        self.shared_state: dict = {}  # cache-wide state of layer allocators (CAKE's cascade)
+        self.shared_state: dict = {"config": config}  # cache-wide state (CAKE's cascade); the text config
         self.compression_seconds = 0.0
         ensure_registered(model)
 
