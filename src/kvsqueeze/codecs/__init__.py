@@ -1,6 +1,21 @@
 """Codecs: how kept tokens are stored."""
 
-from kvsqueeze.codecs import bfp, cskv, dense, fp8, gear, intquant, kivi, kvtuner, mikv, qjl, rotatekv, think, zipcache
+from kvsqueeze.codecs import (
+    bfp,
+    cskv,
+    dense,
+    fp8,
+    gear,
+    intquant,
+    kivi,
+    kvtuner,
+    mikv,
+    minicache,
+    qjl,
+    rotatekv,
+    think,
+    zipcache,
+)
 from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
 
 __all__ = [
@@ -16,6 +31,7 @@ __all__ = [
     "kivi",
     "kvtuner",
     "mikv",
+    "minicache",
     "partial_attention",
     "qjl",
     "rotatekv",
