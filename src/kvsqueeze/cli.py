@@ -187,6 +187,7 @@ def _wire_optional() -> None:
         importlib.import_module("kvsqueeze.bench.cli").add_commands(app)
     for module, name, attr in (
         ("kvsqueeze.codecs.kvtuner", "kvtuner", "calibrate_kvtuner"),
+        ("kvsqueeze.codecs.kvquant", "kvquant", "calibrate_kvquant"),
         ("kvsqueeze.policies.heads", "heads", "calibrate_heads"),
     ):
         try:
