@@ -6,6 +6,7 @@ from kvsqueeze.policies import (
     cake,
     chunkkv,
     compresskv,
+    dapq,
     defensivekv,
     ems,
     h2o,
@@ -21,8 +22,10 @@ from kvsqueeze.policies import (
     snapkv,
     streaming_llm,
     tova,
+    treekv,
     triattention,
     uniform,
+    windowkv,
 )
 from kvsqueeze.policies.base import Budget, LayerContext, Scorer, select, tokens_to_keep
 
@@ -35,6 +38,7 @@ __all__ = [
     "cake",
     "chunkkv",
     "compresskv",
+    "dapq",
     "defensivekv",
     "ems",
     "h2o",
@@ -52,6 +56,8 @@ __all__ = [
     "streaming_llm",
     "tokens_to_keep",
     "tova",
+    "treekv",
     "triattention",
     "uniform",
+    "windowkv",
 ]
