@@ -22,6 +22,10 @@ METHODS = [
     "snapkv+adakv",
     "kivi",
     "snapkv+kivi",
+    # decoding-time schedules: the captured prefill runs their per-pass step exactly as the live pass does
+    "h2o+interval:every=4,budget=64",
+    "lazyeviction:budget=64,window=8",
+    "triattention:budget=64,every=4",
 ]
 
 
@@ -33,6 +37,13 @@ def model():
 def _prompt(n: int = 160, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 128, (1, n), generator=g)
+
+
+def live_cache_after_prefill(model, method: str, ratio: float | None, ids: torch.Tensor) -> int:
+    """Bytes the live path holds right after the prefill forward (before any decoding step)."""
+    cache = CompressedCache(model, method, ratio=ratio)
+    forward(model, cache, ids, keep=1)
+    return cache.nbytes()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -50,6 +61,7 @@ def test_captured_path_equals_live_generate(model, method):
     cache = build_cache(model, prefill, method, ratio)
     # the compressed caches are identical before decoding starts: same kept tokens, same bytes
     assert cache.nbytes() < cache.full_nbytes() or method == "none"
+    assert cache.nbytes() == live_cache_after_prefill(model, method, ratio, ids)
     out = greedy(model, cache, prefill.last_logits, 6, eos=set(), keep_logits=True)
     assert out.tokens == live.sequences[0, ids.shape[-1] :].tolist()
     for mine, theirs in zip(out.logits, live.logits, strict=True):

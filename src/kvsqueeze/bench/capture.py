@@ -35,6 +35,7 @@ class LayerCapture:
     mask: torch.Tensor | None
     scaling: float
     position_ids: torch.Tensor | None
+    module: object = None  # the attention module (decoding schedules' observe hooks read it)
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if records is not None:
         records[module.layer_idx] = LayerCapture(
             query, key, value, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5,
-            kwargs.get("position_ids"),
+            kwargs.get("position_ids"), module,
         )  # fmt: skip
     return kvsqueeze_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -97,12 +98,17 @@ def capture_prefill(model, input_ids: torch.Tensor) -> Prefill:
 def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | None) -> CompressedCache:
     """The cache the live prefill would have left for ``method``, built from the captured tensors."""
     cache = CompressedCache(model, method, ratio=ratio)
+    decode_step = getattr(cache.method.schedule, "decode_step", None)  # decoding schedules see every pass
     for idx, layer in enumerate(cache.layers):
         cap = prefill.layers[idx]
         if isinstance(layer, CompressedLayer):
             layer.lazy_initialization(cap.keys, cap.values)
             layer.keys, layer.values, layer.seen = cap.keys, cap.values, cap.keys.shape[-2]
-            if cache.wants_compression(layer, cap.queries.shape[2]):
+            if decode_step is not None:  # as kvsqueeze_attention does after the prefill pass
+                start = time.perf_counter()
+                decode_step(cache, layer, cap.module, cap.queries, cap.mask, cap.scaling, cap.position_ids)
+                cache.compression_seconds += time.perf_counter() - start
+            elif cache.wants_compression(layer, cap.queries.shape[2]):
                 start = time.perf_counter()
                 cache.compress_layer(layer, cap.queries, cap.mask, cap.scaling, cap.position_ids)
                 cache.compression_seconds += time.perf_counter() - start
