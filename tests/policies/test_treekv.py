@@ -10,9 +10,9 @@ from kvsqueeze.policies.base import select
 from kvsqueeze.policies.treekv import TreeKV, tree_replay
 
 
-def reference_replay(importance: list[float], capacity: int) -> list[int]:
-    """The rule written literally with a Python list: the kept token ids."""
-    cache, pointer = list(range(capacity)), 0
+def reference_replay(importance: list[float], capacity: int, pointer: int = 0) -> list[int]:
+    """The rule written literally with a Python list, one arriving token at a time: the kept token ids."""
+    cache = list(range(capacity))
     for token in range(capacity, len(importance)):
         if pointer + 1 >= capacity:
             pointer = 0
@@ -44,6 +44,9 @@ def test_replay_matches_literal_rule_per_head():
     rank, _ = tree_replay(imp, 24)
     for h in range(3):
         assert kept(rank[h]) == reference_replay(imp[h].tolist(), 24)
+    rank, _ = tree_replay(imp[:, :50], 24, pointer=17)  # a replay that resumes mid-pass (decoding)
+    for h in range(3):
+        assert kept(rank[h]) == reference_replay(imp[h, :50].tolist(), 24, pointer=17)
 
 
 def test_smooth_dense_recent_sparse_distant():

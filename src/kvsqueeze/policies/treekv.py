@@ -52,21 +52,23 @@ def tree_replay(importance: torch.Tensor, capacity: int, pointer: int = 0) -> tu
     if capacity < 2:
         rank[:, : N - capacity] = torch.arange(N - capacity, dtype=torch.float, device=importance.device)
         return rank, pointer
-    heads = torch.arange(H, device=importance.device)
-    slots = torch.arange(capacity, device=importance.device)
-    cached = slots[None, :].expand(H, capacity).clone()  # token ids, in cache order
-    for step, token in enumerate(range(capacity, N)):
+    # Within one pass of the scope (until it wraps), step ``j`` compares elements ``2j`` and ``2j + 1`` of
+    # ``cache[pointer:] + arrivals``: the pairs are disjoint, so a whole pass is one vectorised comparison.
+    cached = torch.arange(capacity, device=importance.device)[None, :].expand(H, capacity)
+    arriving, step = capacity, 0
+    while arriving < N:
         if pointer + 1 >= capacity:
             pointer = 0
-        left, right = cached[:, pointer], cached[:, pointer + 1]
-        evict_right = importance[heads, right] < importance[heads, left]
-        gone = torch.where(evict_right, right, left)
-        rank[heads, gone] = float(step)
-        hole = pointer + evict_right.long()  # [H] slot of the evicted token
-        shift = (slots[None, :] >= hole[:, None]).long()
-        grown = torch.cat([cached, torch.full((H, 1), token, device=cached.device, dtype=cached.dtype)], dim=1)
-        cached = grown.gather(1, slots[None, :] + shift)
-        pointer += 1
+        n = min(N - arriving, capacity - 1 - pointer)  # steps before the scope wraps
+        new = torch.arange(arriving, arriving + n, device=importance.device)[None, :].expand(H, n)
+        run = torch.cat([cached[:, pointer:], new], dim=1)
+        left, right = run[:, 0 : 2 * n : 2], run[:, 1 : 2 * n : 2]
+        evict_right = importance.gather(1, right) < importance.gather(1, left)  # a tie evicts the older
+        kept, gone = torch.where(evict_right, left, right), torch.where(evict_right, right, left)
+        order = torch.arange(step, step + n, dtype=rank.dtype, device=rank.device)[None, :].expand(H, n)
+        rank.scatter_(1, gone, order)
+        cached = torch.cat([cached[:, :pointer], kept, run[:, 2 * n :]], dim=1)
+        pointer, arriving, step = pointer + n, arriving + n, step + n
     return rank, pointer
 
 
