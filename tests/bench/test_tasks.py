@@ -11,7 +11,7 @@ from kvsqueeze.bench.tasks import TaskSpec, generate, parse_tasks
 from kvsqueeze.bench.tasks.niah import DEPTHS, VARIANTS
 from kvsqueeze.errors import KVSqueezeError
 
-TASKS = ["niah", "vt", "cwe", "fwe", "fidelity", "multiturn", "speed"]
+TASKS = ["niah", "vt", "cwe", "fwe", "fidelity", "multiturn", "speed", "longgen"]
 
 
 @pytest.mark.parametrize("name", TASKS)

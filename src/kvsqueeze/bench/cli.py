@@ -33,7 +33,7 @@ def add_commands(app: typer.Typer) -> None:
         task: Annotated[
             str,
             typer.Option(
-                help="niah[:variant], vt, cwe, fwe, ppl, fidelity, multiturn, speed, "
+                help="niah[:variant], vt, cwe, fwe, ppl, fidelity, multiturn, speed, longgen[:tokens], "
                 "file:PATH.jsonl; comma-separated for several"
             ),
         ] = "niah",
@@ -43,7 +43,8 @@ def add_commands(app: typer.Typer) -> None:
         ratios: Annotated[str, typer.Option(help="fractions of tokens removed, comma-separated")] = "0.25,0.5,0.75",
         samples: Annotated[int, typer.Option(min=1, help="samples per task and context length")] = 20,
         context_length: Annotated[
-            str | None, typer.Option(help="context tokens, comma-separated (default 2048; speed: 1024,2048,4096)")
+            str | None,
+            typer.Option(help="context tokens, comma-separated (default 2048; speed: 1024,2048,4096; longgen: 512)"),
         ] = None,
         out: Annotated[Path, typer.Option(help="run directory (results.jsonl, summary, plots)")] = Path("runs/bench"),
         model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,

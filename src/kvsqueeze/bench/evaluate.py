@@ -101,7 +101,8 @@ class SampleEvaluator:
         self.eos = eos_ids(model, tokenizer)
         self._prefill: Prefill | None = None
         self._reference: torch.Tensor | None = None
-        if sample.kind in ("qa", "speed"):
+        self._longgen_full: dict | None = None
+        if sample.kind in ("qa", "speed", "longgen"):
             q = sample.questions[0]
             self.context_ids, self.question_ids = qa_prompt(tokenizer, sample.context, q)
             self.gold_ids = _ids(tokenizer, q.gold)
@@ -152,6 +153,8 @@ class SampleEvaluator:
         start = time.perf_counter()
         if self.sample.kind == "speed":
             result = self._speed(cell)
+        elif self.sample.kind == "longgen":
+            result = self._longgen(cell)
         else:
             cache = build_cache(self.model, self.prefill, cell.method, cell.ratio)
             stats = cache.stats()
@@ -235,6 +238,35 @@ class SampleEvaluator:
             "expected": [list(q.answers) for q in self.sample.questions],
             "decode_seconds": decode_s,
             "decode_tokens_per_second": steps / decode_s if decode_s > 0 else 0.0,
+        }
+
+    def _longgen(self, cell: Cell) -> dict:
+        """Teacher-force the full cache's greedy N-token generation under ``cell`` (schedules_eval.longgen)."""
+        from kvsqueeze.schedules_eval import longgen
+
+        n_tokens = self.sample.questions[0].max_new_tokens
+        ids = torch.cat([self.context_ids, self.question_ids], dim=-1).to(self.model.device)
+        if self._longgen_full is None:  # the full cache's run carries the reference every other cell reuses
+            self._longgen_full = longgen(self.model, self.tokenizer, "none", ids, n_tokens=n_tokens)
+        if cell.method == "none":
+            res = self._longgen_full
+        else:
+            ref = self._longgen_full["reference"]
+            res = longgen(self.model, self.tokenizer, cell.method, ids, n_tokens=n_tokens, ratio=cell.ratio,
+                          reference=ref)  # fmt: skip
+        n, prompt = int(res["generated_tokens"]), int(res["prompt_tokens"])
+        top1 = res["top1_agreement"]
+        return {
+            "scores": {"score": top1, "top1": top1, "kl": res["kl_mean"], "kl_max": res["kl_max"]},
+            "cache_bytes": res["cache_bytes"],
+            "full_bytes": res["full_cache_bytes"],
+            "tokens_compressed": prompt + n - 1,  # what the full cache holds at the end
+            "tokens_kept_mean": res["tokens_held_end"],
+            "prompt_tokens": prompt,
+            "generated_tokens": n,
+            "decode_tokens_per_second": res["decode_tok_s"],
+            "full_decode_tokens_per_second": res["full_decode_tok_s"],
+            "decode_vs_full": res["relative_speed"],
         }
 
     def _speed(self, cell: Cell) -> dict:

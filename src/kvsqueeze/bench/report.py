@@ -24,7 +24,9 @@ from kvsqueeze.bench.scoring import mean_ci
 from kvsqueeze.errors import KVSqueezeError
 
 LOWER_IS_BETTER = {"ppl": "perplexity", "fidelity": "KL(full ‖ compressed), nats"}
-_EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds")
+SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (higher is better)"}
+_EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds",
+          "tokens_kept_mean", "decode_vs_full")  # fmt: skip
 _SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "rss_vs_full", "peak_rss_bytes", "rss_delta_bytes")
 
 
@@ -111,7 +113,9 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
         methods = sorted({r["method"] for r in task_rows}, key=lambda m: (m != "full", m))
         ratios = sorted({r["ratio"] for r in task_rows if r["ratio"] is not None})
         n = len({r["sample_id"] for r in task_rows})
-        what = LOWER_IS_BETTER.get(task, "score (fraction of expected answers found; higher is better)")
+        what = LOWER_IS_BETTER.get(task) or SCORE_LABELS.get(
+            task, "score (fraction of expected answers found; higher is better)"
+        )
         lines += [f"## {task} ({n} samples) — {what}", ""]
         if task in LOWER_IS_BETTER:
             lines += ["lower is better", ""]
@@ -133,6 +137,8 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
                 cells.append(f"{s['mean']:.0f}" if s else "")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+        if task == "longgen":
+            lines += _longgen_table(task_rows, look)
     speed = [s for s in summary if s["task"] == "speed" and s["metric"] in _SPEED[:4]]
     if speed:
         lines += ["## speed vs. the full cache (ratios; < 1 = less time / fewer bytes)", ""]
@@ -160,6 +166,18 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
     return "\n".join(lines)
 
 
+def _longgen_table(task_rows: list[dict], look: dict) -> list[str]:
+    """Per method × ratio: KL, tokens held per KV head at the end, decode tok/s ÷ the full cache's."""
+    lines = ["Long generation: mean KL(full ‖ compressed) in nats, tokens held per KV head at the end, decode "
+             "tokens/s ÷ the full cache's (same samples):", "",
+             "| method | ratio | KL | tokens held | decode vs full |", "|---|---|---|---|---|"]  # fmt: skip
+    for method, ratio in sorted({(r["method"], r["ratio"]) for r in task_rows}, key=lambda x: _order(("", *x))):
+        cells = [look.get(("longgen", method, ratio, k)) for k in ("kl", "tokens_kept_mean", "decode_vs_full")]
+        lines.append(f"| {method} | {'' if ratio is None else ratio} | "
+                     + " | ".join(_fmt(c["mean"], c["ci95"]) if c else "" for c in cells) + " |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -171,7 +189,7 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
     for task in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task]
         methods = sorted({r["method"] for r in task_rows} - {"full"})
-        ylabel = LOWER_IS_BETTER.get(task, "score")
+        ylabel = LOWER_IS_BETTER.get(task) or ("top-1 agreement" if task in SCORE_LABELS else "score")
         # score vs ratio
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         full = look.get((task, "full", None, "score"))

@@ -6,7 +6,8 @@
 - Rows are appended one line at a time (write, flush, fsync), so Ctrl-C or a crash keeps every finished row and
   a torn last line is ignored on reading.
 - A cell that raises is recorded with ``status: "error"`` and its message; the sweep goes on.
-- Methods that do not evict (a codec alone, e.g. ``kivi``) run once per sample with ``ratio: null``.
+- Methods that do not evict (a codec alone, e.g. ``kivi``) and methods whose decoding schedule fixes its own
+  budget (``h2o+interval:every=16,budget=256``) run once per sample with ``ratio: null``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class SweepConfig:
     def cells(self) -> list[Cell]:
         cells = [Cell("none", None)]
         for spec in self.methods:
-            if parse_method(spec).evicts:
+            method = parse_method(spec)
+            if method.evicts and getattr(method.schedule, "budget", None) is None:
                 cells += [Cell(spec, r) for r in self.ratios]
             else:
                 cells.append(Cell(spec, None))

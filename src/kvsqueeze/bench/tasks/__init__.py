@@ -1,8 +1,8 @@
 """Task registry: ``--task`` names → deterministic sample generators (see each module's docstring).
 
-A task spec is ``NAME`` or ``NAME:OPTION`` (``niah:multikey``) or ``file:PATH.jsonl``; several are joined by
-commas. Every generator takes ``(tokenizer, samples=, length=, seed=, option=)`` and returns the same samples,
-byte for byte, for the same arguments.
+A task spec is ``NAME`` or ``NAME:OPTION`` (``niah:multikey``, ``longgen:1000``) or ``file:PATH.jsonl``; several
+are joined by commas. Every generator takes ``(tokenizer, samples=, length=, seed=, option=)`` and returns the same
+samples, byte for byte, for the same arguments.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvsqueeze.bench.tasks import continuation, jsonl, multiturn, niah, ruler, speed
+from kvsqueeze.bench.tasks import continuation, jsonl, longgen, multiturn, niah, ruler, speed
 from kvsqueeze.bench.tasks.base import Question, Sample
 from kvsqueeze.errors import KVSqueezeError
 
@@ -23,6 +23,7 @@ GENERATORS: dict[str, Callable[..., list[Sample]]] = {
     "fidelity": continuation.generate_fidelity,
     "multiturn": multiturn.generate,
     "speed": speed.generate,
+    "longgen": longgen.generate,
 }
 OPTIONS = {"niah": niah.VARIANTS}
 TASK_NAMES = (*GENERATORS, "file:PATH.jsonl")
@@ -52,6 +53,8 @@ def parse_tasks(text: str) -> list[TaskSpec]:
             if not option:
                 raise KVSqueezeError("give the dataset as --task file:PATH.jsonl")
             jsonl.load(option)
+        elif name == "longgen":
+            longgen.parse_tokens(option)
         elif name not in GENERATORS:
             raise KVSqueezeError(f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}")
         elif option is not None and option not in OPTIONS.get(name, ()):
@@ -64,7 +67,9 @@ def parse_tasks(text: str) -> list[TaskSpec]:
 
 
 def default_lengths(task: TaskSpec) -> tuple[int, ...]:
-    return speed.DEFAULT_LENGTHS if task.name == "speed" else (2048,)
+    if task.name == "speed":
+        return speed.DEFAULT_LENGTHS
+    return longgen.DEFAULT_LENGTHS if task.name == "longgen" else (2048,)
 
 
 def generate(task: TaskSpec, tokenizer, *, samples: int, length: int, seed: int) -> list[Sample]:

@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Kind = Literal["qa", "continuation", "multiturn", "speed"]
+Kind = Literal["qa", "continuation", "multiturn", "speed", "longgen"]
 
 
 @dataclass(frozen=True)
