@@ -221,3 +221,21 @@ def test_bad_parameters_name_the_fix(config):
     keys = torch.zeros(1, 1, 4, D)
     with pytest.raises(KVSqueezeError, match="no datatype for layer 7"):
         KVQuantCodec(config=config).encode(keys[0, 0], keys[0, 0], torch.tensor([[4]]), _ctx(keys, keys, layer=7))
+
+
+@pytest.mark.model
+def test_kvquant4_keeps_full_cache_greedy_answer_on_a_needle(smollm2, tmp_path):
+    from kvsqueeze.data import haystack, insert_needle
+    from kvsqueeze.pipeline import answer
+
+    model, tok = smollm2
+    path = tmp_path / "smollm2.json"
+    path.write_text(json.dumps(fit_kvquant(model, tok, n_tokens=128)))  # Fisher weights from real gradients
+    needle = "The secret code of the blue door is 4172."
+    context = insert_needle(haystack(tok, 600), needle, 0.4)
+    question = "What is the secret code of the blue door? Answer with the number only."
+    full = answer(model, tok, "none", context, question, max_new_tokens=14)
+    quant = answer(model, tok, f"kvquant:bits=4,config={path}", context, question, max_new_tokens=14)
+    assert "4172" in full.text
+    assert quant.text.rstrip(".") == full.text.rstrip(".")
+    assert quant.cache_bytes < full.cache_bytes / 4
