@@ -8,7 +8,8 @@ arXiv 2401.18079.
   per channel, and the rotation is re-applied after dequantization when the block is read (the query cannot be
   rotated once instead: the rotation depends on each key's position). Positions are stored (int32; one start
   per head when a head's positions are consecutive, as without eviction).
-- Values: per token.
+- Values: per token. (Reading a block gathers cos/sin from one float32 table per RoPE, shared by all layers and grown
+  by doubling, as transformers' rotary embedding used to keep; it is model state, not part of a cache's bytes.)
 - nuqX: ``2**bits`` centroids per layer (one datatype for keys, one for values) in the normalized range
   ``[-1, 1]``, fitted offline by k-means weighted with the diagonal Fisher information approximated by squared
   gradients of the language-model loss with respect to the keys/values on calibration text
@@ -66,10 +67,25 @@ def rope_params(model) -> tuple[list[float], float]:
     return [float(x) for x in inv.double().cpu()], float(scale)
 
 
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of the RoPE angles computed as transformers computes them (float32), returned as float64."""
     ang = positions.float()[:, None] * inv_freq.float().to(positions.device)[None, :]
     return ang.cos().double(), ang.sin().double()
+
+
+def _cos_sin_table(inv_freq: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin of positions ``0 … n-1`` (at least), shared by every layer and block with this RoPE: one
+    table per model like transformers' rotary embedding, grown by doubling, not part of any cache's bytes."""
+    key = (inv_freq.double().cpu().numpy().tobytes(), str(device))
+    table = _TABLES.get(key)
+    if table is None or table[0].shape[0] < n:
+        size = max(1024, 1 << max(n - 1, 1).bit_length())
+        ang = torch.arange(size, device=device).float()[:, None] * inv_freq.float().to(device)[None, :]
+        table = _TABLES[key] = (ang.cos(), ang.sin())
+    return table
 
 
 def unrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -83,8 +99,15 @@ def unrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sca
 
 def rerope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
     """Inverse of :func:`unrope`: RoPE applied to pre-RoPE ``x [N, D]`` (computed in ``x``'s dtype)."""
-    cos, sin = _angles(positions, inv_freq)
-    cos, sin = (cos * scaling).to(x.dtype), (sin * scaling).to(x.dtype)
+    if x.dtype == torch.float32 and positions.numel() and int(positions.min()) >= 0:
+        cos_t, sin_t = _cos_sin_table(inv_freq, int(positions.max()) + 1, x.device)
+        idx = positions.long().to(x.device)
+        cos, sin = cos_t.index_select(0, idx), sin_t.index_select(0, idx)
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+    else:
+        cos, sin = _angles(positions, inv_freq)
+        cos, sin = (cos * scaling).to(x.dtype), (sin * scaling).to(x.dtype)
     h = x.shape[-1] // 2
     a, b = x[:, :h], x[:, h:]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -108,6 +131,18 @@ def dense_range(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch
     hi = torch.where(out, torch.full_like(xf, -float("inf")), xf).amax(1)
     mid, half = (hi + lo) / 2, (hi - lo) / 2
     return mid, torch.where(half > 0, half, torch.ones_like(half))
+
+
+def centroid_values(packed: torch.Tensor, bits: int, n: int, centroids: torch.Tensor, dtype) -> torch.Tensor:
+    """Centroid values ``[rows, n]`` of packed codes: one table lookup per byte for 2/4 bits (a byte holds whole
+    codes), unpack-then-gather otherwise."""
+    if bits in (2, 4):
+        per = 8 // bits
+        codes = (torch.arange(256)[:, None] >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+        lut = centroids.to(dtype).to(packed.device)[codes.to(packed.device)]  # [256, per]
+        vals = lut.index_select(0, packed.reshape(-1).to(torch.int32)).view(packed.shape[0], -1)
+        return vals if vals.shape[1] == n else vals[:, :n]
+    return centroids.to(dtype).to(packed.device)[unpack(packed, bits, n).long()]
 
 
 def nearest(norm: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -176,11 +211,11 @@ class KVQuantBlock(KVBlock):
         D = self.dim
         counts = self.lengths.flatten().to(self.kcodes.device)
         n = int(counts.sum())
-        kc = self.kcent.to(dtype)[unpack(self.kcodes, self.bits, D).long()]
+        kc = centroid_values(self.kcodes, self.bits, D, self.kcent, dtype)
         ks = torch.repeat_interleave(self.kscale.to(dtype), counts, dim=0, output_size=n)
         ko = torch.repeat_interleave(self.koff.to(dtype), counts, dim=0, output_size=n)
         keys = torch.addcmul(ko, kc, ks)
-        vc = self.vcent.to(dtype)[unpack(self.vcodes, self.bits, D).long()]
+        vc = centroid_values(self.vcodes, self.bits, D, self.vcent, dtype)
         values = torch.addcmul(self.voff.to(dtype)[:, None], vc, self.vscale.to(dtype)[:, None])
         keys.view(-1).index_copy_(0, self.k_idx.long(), self.k_val.to(dtype))
         values.view(-1).index_copy_(0, self.v_idx.long(), self.v_val.to(dtype))
