@@ -23,7 +23,7 @@ def test_structured_selectors_on_smollm2(smollm2):
         out = model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
         assert out.shape == (1, 302), method
         lengths = torch.stack([layer.kept_lengths()[0] for layer in cache.layers])  # [layers, H]
-        assert bool((lengths == 120 + 1).all()), method  # 120 kept + 1 decoded token
+        assert lengths.shape == (layers, heads) and bool((lengths == 120 + 1).all()), method  # 120 kept + 1 decoded
         assert cache.nbytes() == int(lengths.sum()) * per_token, method
     cache = CompressedCache(model, "treekv+interval:every=8,budget=64")
     out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
