@@ -112,3 +112,36 @@ def test_captured_path_equals_live_on_sliding_window_layers(method):
     for mine, theirs in zip(out.logits, live.logits, strict=True):
         torch.testing.assert_close(mine, theirs[0], rtol=1e-5, atol=1e-5)
     assert cache.nbytes() == live_cache.nbytes()
+
+
+def test_h2o_accumulated_attention_is_computed_once_per_prefill(model):
+    """Every ratio of H2O reuses the prefill's accumulated attention, and still equals the live path."""
+    import kvsqueeze.policies.h2o as h2o
+
+    ids = _prompt(150, seed=5)
+    prefill = capture_prefill(model, ids)
+    calls = 0
+    original = h2o.accumulated_attention
+
+    def counting(ctx, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(ctx, *args, **kwargs)
+
+    h2o.accumulated_attention = counting
+    try:
+        caches = {r: build_cache(model, prefill, "h2o", r) for r in (0.25, 0.5, 0.75)}
+        assert calls == len(prefill.layers)  # once per layer, not once per layer and ratio
+        for ratio, cache in caches.items():
+            live = CompressedCache(model, "h2o", ratio=ratio)
+            forward(model, live, ids, keep=1)  # the prompt, compressed during its forward pass
+            expected = forward(model, live, torch.tensor([[7, 8, 9]]))
+            torch.testing.assert_close(forward(model, cache, torch.tensor([[7, 8, 9]])), expected, rtol=1e-5,
+                                       atol=1e-5)  # fmt: skip
+            assert cache.nbytes() == live.nbytes()
+        calls = 0  # a live pass never hits the memo (the cache holds none after being built)
+        live = CompressedCache(model, "h2o", ratio=0.5)
+        forward(model, live, ids)
+        assert calls == len(prefill.layers) and "prefill_memo" not in caches[0.5].shared_state
+    finally:
+        h2o.accumulated_attention = original

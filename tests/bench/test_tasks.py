@@ -50,6 +50,8 @@ def test_niah_grid_and_needles_at_stated_depth(chars):
             assert key in q.text
         if s.meta["variant"] == "multikey":  # distractors: other keys, other values
             assert len({k for k, _ in needles}) == 4 and len(q.answers) == 1
+        # the generation budget is the gold answer's length plus a few tokens of glue
+        assert q.max_new_tokens == len(chars.encode(" " + ", ".join(q.answers))) + 4
 
 
 def test_niah_variant_option_and_errors(chars):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvsqueeze.attention import NAME as KVSQUEEZE_ATTENTION
 from kvsqueeze.attention import kvsqueeze_attention
 from kvsqueeze.cache import CompressedCache, CompressedLayer
+from kvsqueeze.policies.h2o import PREFILL_MEMO
 from kvsqueeze.spec import Method
 
 CAPTURE = "kvsqueeze_bench_capture"
@@ -46,6 +47,7 @@ class Prefill:
     last_logits: torch.Tensor  # [V]
     length: int
     seconds: float
+    memo: dict = field(default_factory=dict)  # method-independent work shared by the caches built from it
 
 
 def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -96,8 +98,13 @@ def capture_prefill(model, input_ids: torch.Tensor) -> Prefill:
 
 @torch.no_grad()
 def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | None) -> CompressedCache:
-    """The cache the live prefill would have left for ``method``, built from the captured tensors."""
+    """The cache the live prefill would have left for ``method``, built from the captured tensors.
+
+    While it is built, ``cache.shared_state[PREFILL_MEMO]`` holds ``prefill.memo``: scorers may keep there work that
+    depends only on the captured tensors (H2O's accumulated attention), so every ratio and method reuses it.
+    """
     cache = CompressedCache(model, method, ratio=ratio)
+    cache.shared_state[PREFILL_MEMO] = prefill.memo
     decode_step = getattr(cache.method.schedule, "decode_step", None)  # decoding schedules see every pass
     for idx, layer in enumerate(cache.layers):
         cap = prefill.layers[idx]
@@ -114,6 +121,7 @@ def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | No
                 cache.compression_seconds += time.perf_counter() - start
         else:  # sliding-window layers keep their window, as in the live pass
             layer.update(cap.keys, cap.values)
+    cache.shared_state.pop(PREFILL_MEMO, None)  # decoding-time recompressions see fresh tensors, never the memo
     return cache
 
 

@@ -18,7 +18,9 @@ haystack's characters before it, other needles not counted; the other needles si
 Sample ``i`` takes depth ``DEPTHS[i % 5]`` and variant ``VARIANTS[(i // 5) % 4]`` (unless a variant is given:
 ``niah:single``), so 20 samples cover the depth × variant grid once; values alternate between numbers and words.
 Score: RULER's ``string_match_all`` (fraction of expected values found in the output, case-insensitive), plus
-the log-likelihood of the gold answer.
+the log-likelihood of the gold answer. Deviation from RULER (which generates up to 128 tokens): generation stops
+after the gold answer's token count plus ``ANSWER_SLACK`` tokens (or once every value is out), since the answer
+prefix is already in the prompt; decoding is most of a sweep's time on a CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SNAP = 300  # a needle moves back at most this many characters to a sentence boundary
 N_EXTRA = 4  # needles of multikey (incl. target), values of multivalue, keys of multiquery
+ANSWER_SLACK = 4  # generated tokens beyond the gold answer's own (quotes, "and", a period)
 
 
 def _needle(kind: str, key: str, value: str) -> str:
@@ -68,6 +71,11 @@ def _insert(text: str, items: list[tuple[float, str]]) -> tuple[str, list[int]]:
         prev = cut
     out.append(text[prev:])
     return "".join(out), offsets
+
+
+def _answer_tokens(tokenizer, expected: tuple[str, ...]) -> int:
+    """Generation budget: the gold answer's tokens (values joined by ", ") plus ``ANSWER_SLACK``."""
+    return len(encode(tokenizer, " " + ", ".join(expected))) + ANSWER_SLACK
 
 
 def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | None = None) -> list[Sample]:
@@ -123,7 +131,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
                 id=f"{length}/{variant}/{i:04d}",
                 kind="qa",
                 context=context,
-                questions=(Question(question, expected, prefix, max_new_tokens=12 * len(expected)),),
+                questions=(Question(question, expected, prefix, max_new_tokens=_answer_tokens(tokenizer, expected)),),
                 meta={
                     "variant": variant,
                     "values": values_kind,
