@@ -1,7 +1,8 @@
 """MiniCache's premise on SmolLM2: mean per-head cosine similarity of adjacent layers' cached keys and values
 (not collected by pytest).
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/reshape/measure_minicache_similarity.py > docs/results/reshape/minicache_similarity.txt
+    OMP_NUM_THREADS=1 .venv/bin/python tests/reshape/measure_minicache_similarity.py \
+        > docs/results/reshape/minicache_similarity.txt
 """
 
 from __future__ import annotations
