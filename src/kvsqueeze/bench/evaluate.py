@@ -1,8 +1,10 @@
 """Evaluate one sample for several (method, ratio) cells: one prefill, then one cache per cell.
 
 ``SampleEvaluator`` tokenizes a sample, runs the exact prefill once (lazily, only if a cell needs it), keeps the
-full cache's reference logits for fidelity numbers, and returns one result dict per cell. Speed samples run the
-live path instead (their point is to time the prefill with compression inside it).
+full cache's reference logits for fidelity numbers, and returns one result dict per cell. ``run_all`` decodes the
+caches of QA and continuation cells together in batched forward passes (``kvsqueeze.bench.batch``): the same
+rows, a fraction of the time. Speed samples run the live path instead (their point is to time the prefill with
+compression inside it), as do longgen samples (``kvsqueeze.schedules_eval.longgen``) and multiturn samples.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.bench import scoring
-from kvsqueeze.bench.capture import Prefill, build_cache, capture_prefill, eos_ids, forward, greedy
+from kvsqueeze.bench.batch import forward_many, greedy_many
+from kvsqueeze.bench.capture import Decoded, Prefill, build_cache, capture_prefill, eos_ids, forward, greedy
 from kvsqueeze.bench.tasks.base import Question, Sample
 from kvsqueeze.bench.text import encode
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.spec import parse_method
 
 _SPLIT = "\x00KVSQUEEZE_CONTEXT_END\x00"
+BATCH_ROWS = 12  # caches decoded together in one batched forward pass (bounds the memory held at once)
+
+
+def _attempt(run, cell) -> dict | Exception:
+    try:
+        return run(cell)
+    except Exception as exc:
+        return exc
 
 
 @dataclass(frozen=True)
@@ -157,16 +168,7 @@ class SampleEvaluator:
             result = self._longgen(cell)
         else:
             cache = build_cache(self.model, self.prefill, cell.method, cell.ratio)
-            stats = cache.stats()
-            result = {
-                "compression_seconds": cache.compression_seconds,
-                "cache_bytes": stats["cache_bytes"],
-                "full_bytes": stats["full_cache_bytes"],
-                "tokens_compressed": stats["tokens_seen"],
-                "tokens_kept_mean": stats["tokens_kept_mean"],
-                "prefill_seconds": self.prefill.seconds,
-                "prompt_tokens": int(self.context_ids.shape[-1] + self.question_ids.shape[-1]),
-            }
+            result = self._cache_fields(cache)
             if self.sample.kind == "qa":
                 result.update(self._qa(cache))
             elif self.sample.kind == "continuation":
@@ -177,17 +179,28 @@ class SampleEvaluator:
         result["cell_seconds"] = time.perf_counter() - start
         return result
 
-    def _qa(self, cache: CompressedCache) -> dict:
-        q = self.sample.questions[0]
-        first = self._first_logits(cache)
-        gold = self._gold_logits(cache, first, self.gold_ids)
-        scores = scoring.gold_loglik(gold, self.gold_ids[0])
-        scores.update({f"{k}_gold": v for k, v in scoring.fidelity(self.reference(), gold).items()})
+    def _cache_fields(self, cache: CompressedCache) -> dict:
+        stats = cache.stats()
+        return {
+            "compression_seconds": cache.compression_seconds,
+            "cache_bytes": stats["cache_bytes"],
+            "full_bytes": stats["full_cache_bytes"],
+            "tokens_compressed": stats["tokens_seen"],
+            "tokens_kept_mean": stats["tokens_kept_mean"],
+            "prefill_seconds": self.prefill.seconds,
+            "prompt_tokens": int(self.context_ids.shape[-1] + self.question_ids.shape[-1]),
+        }
 
+    def _done(self, q: Question):
         def done(tokens: list[int]) -> bool:  # the score can no longer change once every answer is out
             return scoring.all_found(self.tokenizer.decode(tokens, skip_special_tokens=True), q.answers)
 
-        out = greedy(self.model, cache, first, q.max_new_tokens, self.eos, stop=done)
+        return done
+
+    def _qa_row(self, gold: torch.Tensor, out: Decoded) -> dict:
+        q = self.sample.questions[0]
+        scores = scoring.gold_loglik(gold, self.gold_ids[0])
+        scores.update({f"{k}_gold": v for k, v in scoring.fidelity(self.reference(), gold).items()})
         text = self.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
         scores["score"] = scoring.match(text, q.answers, q.metric)
         return {
@@ -199,12 +212,82 @@ class SampleEvaluator:
             "decode_tokens_per_second": out.tokens_per_second,
         }
 
-    def _continuation(self, cache: CompressedCache) -> dict:
-        logits = self._gold_logits(cache, self._first_logits(cache), self.gold_ids)
+    def _qa(self, cache: CompressedCache) -> dict:
+        q = self.sample.questions[0]
+        first = self._first_logits(cache)
+        gold = self._gold_logits(cache, first, self.gold_ids)
+        out = greedy(self.model, cache, first, q.max_new_tokens, self.eos, stop=self._done(q))
+        return self._qa_row(gold, out)
+
+    def _continuation_row(self, logits: torch.Tensor) -> dict:
         targets = self.gold_ids[0]
         scores = {**scoring.perplexity(logits, targets), **scoring.fidelity(self.reference(), logits)}
         scores["score"] = scores["ppl"] if self.sample.task == "ppl" else scores["kl"]
         return {"scores": scores, "continuation_tokens": int(targets.numel())}
+
+    def _continuation(self, cache: CompressedCache) -> dict:
+        return self._continuation_row(self._gold_logits(cache, self._first_logits(cache), self.gold_ids))
+
+    # ---- all cells of the sample at once -------------------------------------------------------------------
+    def run_all(self, cells: list[Cell]) -> list[dict | Exception]:
+        """One result (or the exception it raised) per cell. QA and continuation cells are built one by one from
+        the captured prefill, then decoded together, ``BATCH_ROWS`` caches per batched forward pass; if a batch
+        fails, its cells run one by one so that only the failing cell records the error."""
+        if self.sample.kind not in ("qa", "continuation") or len(cells) < 2 or BATCH_ROWS < 2:
+            return [_attempt(self.run, cell) for cell in cells]
+        results: list[dict | Exception | None] = [None] * len(cells)
+        built: list[tuple[int, Cell, CompressedCache, float]] = []
+        for i, cell in enumerate(cells):
+            start = time.perf_counter()
+            try:
+                cache = build_cache(self.model, self.prefill, cell.method, cell.ratio)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            built.append((i, cell, cache, time.perf_counter() - start))
+        for at in range(0, len(built), BATCH_ROWS):
+            chunk = built[at : at + BATCH_ROWS]
+            try:
+                rows = self._batched([cache for _, _, cache, _ in chunk])
+            except Exception:
+                rows = [_attempt(self.run, cell) for _, cell, _, _ in chunk]
+            else:
+                for row, (_, _, _, build_s) in zip(rows, chunk, strict=True):
+                    row["cell_seconds"] += build_s
+            for (i, _, _, _), row in zip(chunk, rows, strict=True):
+                results[i] = row
+        return results
+
+    def _batched(self, caches: list[CompressedCache]) -> list[dict]:
+        start = time.perf_counter()
+        fields = [self._cache_fields(cache) for cache in caches]
+        n = len(caches)
+        if self.query_aware or self.question_ids.shape[-1] == 0:
+            firsts = [self.prefill.last_logits] * n
+        else:
+            firsts = list(forward_many(self.model, caches, self.question_ids, keep=1)[:, -1])
+        gold_ids = self.gold_ids
+        if gold_ids.shape[-1] <= 1:
+            golds = [f[None] for f in firsts]
+        else:
+            forks = [cache.fork() for cache in caches] if self.sample.kind == "qa" else caches
+            rest = forward_many(self.model, forks, gold_ids[:, :-1])
+            golds = [torch.cat([f[None], r], dim=0) for f, r in zip(firsts, rest, strict=True)]
+        if self.sample.kind == "continuation":
+            rows = [self._continuation_row(g) for g in golds]
+        else:
+            q = self.sample.questions[0]
+            outs = greedy_many(self.model, caches, firsts, [q.max_new_tokens] * n, self.eos, [self._done(q)] * n)
+            rows = [self._qa_row(g, o) for g, o in zip(golds, outs, strict=True)]
+            for row in rows:  # decode time is shared by the batch: its tok/s is no per-method speed (see `speed`)
+                row["decode_tokens_per_second"] = None
+        shared = (time.perf_counter() - start) / n
+        for row, extra in zip(rows, fields, strict=True):
+            row.update(extra)
+            row["bytes_per_token"] = row["cache_bytes"] / max(row["tokens_compressed"], 1)
+            row["cell_seconds"] = shared
+            row["batched_rows"] = n
+        return rows
 
     def _multiturn(self, cache: CompressedCache) -> dict:
         tok = self.tokenizer

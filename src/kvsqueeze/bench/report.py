@@ -306,9 +306,11 @@ def _speed_plot(plt, rows: list[dict], summary: list[dict], path: Path) -> Path 
     for s in speed:
         look[(_label(s["method"], s["ratio"]), s["metric"])].append(s["mean"])
     labels = sorted({lab for lab, _ in look}, key=lambda x: (x != "full", x))
-    if not labels:
+    metrics = [(key, name) for key, name in metrics if any(k == key for _, k in look)]  # e.g. no batched tok/s
+    if not labels or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.28 * len(labels) + 1.8))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.28 * len(labels) + 1.8), squeeze=False)
+    axes = list(axes[0])
     for ax, (key, name) in zip(axes, metrics, strict=True):
         vals = [sum(look[(lab, key)]) / len(look[(lab, key)]) if look.get((lab, key)) else 0.0 for lab in labels]
         ax.barh(range(len(labels)), vals, color=["black" if lab == "full" else "tab:blue" for lab in labels])

@@ -244,10 +244,12 @@ def environment() -> dict:
 
 # ---- work ----------------------------------------------------------------------------------------------------
 def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Iterator[dict]:
-    """Rows of one job, one per cell, as they finish (errors become rows)."""
+    """Rows of one job, one per cell (errors become rows); the cells of a sample are evaluated together."""
     sample = job.sample
     evaluator = SampleEvaluator(model, tokenizer, sample, config.query_aware)
-    for cell, key in zip(job.cells, job.keys, strict=True):
+    start = time.perf_counter()
+    results = evaluator.run_all(job.cells)
+    for cell, key, result in zip(job.cells, job.keys, results, strict=True):
         row = {
             "key": key,
             "task": sample.task,
@@ -262,15 +264,12 @@ def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Itera
             "mode": config.mode,
             **env,
         }
-        start = time.perf_counter()
-        try:
-            row.update(evaluator.run(cell))
+        if isinstance(result, Exception):  # a failing method is recorded and the sweep goes on
+            error = f"{type(result).__name__}: {result}".splitlines()[0][:500]
+            row.update({"status": "error", "error": error, "cell_seconds": time.perf_counter() - start})
+        else:
+            row.update(result)
             row["status"] = "ok"
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # a failing method is recorded and the sweep goes on
-            row.update({"status": "error", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
-            row["cell_seconds"] = time.perf_counter() - start
         row["finished_at"] = time.time()
         yield row
 
