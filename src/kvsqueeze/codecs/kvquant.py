@@ -133,16 +133,56 @@ def dense_range(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch
     return mid, torch.where(half > 0, half, torch.ones_like(half))
 
 
+_LUTS: dict[tuple, torch.Tensor] = {}
+
+
+def _lut(centroids: torch.Tensor, bits: int, dtype, device) -> torch.Tensor:
+    """Centroid values of every packed byte (2/4 bits: ``[256, 8 // bits]``) or, for 3 bits, of every (2-bit-plane
+    byte, 1-bit-plane nibble) pair: ``[4096, 4]`` — four codes per lookup."""
+    key = (centroids.cpu().numpy().tobytes(), bits, dtype, str(device))
+    if key not in _LUTS:
+        c = centroids.to(dtype)
+        if bits == 3:
+            a = torch.arange(4096) % 256
+            nib = torch.arange(4096) // 256
+            k = torch.arange(4)
+            codes = ((a[:, None] >> (2 * k)) & 3) | (((nib[:, None] >> k) & 1) << 2)
+        else:
+            per = 8 // bits
+            codes = (torch.arange(256)[:, None] >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+        _LUTS[key] = c[codes].to(device).contiguous()
+    return _LUTS[key]
+
+
 def centroid_values(packed: torch.Tensor, bits: int, n: int, centroids: torch.Tensor, dtype) -> torch.Tensor:
-    """Centroid values ``[rows, n]`` of packed codes: one table lookup per byte for 2/4 bits (a byte holds whole
-    codes), unpack-then-gather otherwise."""
+    """Centroid values ``[rows, n]`` of packed codes by table lookup (see :func:`kvsqueeze.codecs.packing.pack`:
+    a byte holds whole 2/4-bit codes; 3-bit codes are a 2-bit plane then a 1-bit plane, four codes = one byte of
+    the first and one nibble of the second)."""
+    rows = packed.shape[0]
     if bits in (2, 4):
-        per = 8 // bits
-        codes = (torch.arange(256)[:, None] >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
-        lut = centroids.to(dtype).to(packed.device)[codes.to(packed.device)]  # [256, per]
-        vals = lut.index_select(0, packed.reshape(-1).to(torch.int32)).view(packed.shape[0], -1)
-        return vals if vals.shape[1] == n else vals[:, :n]
-    return centroids.to(dtype).to(packed.device)[unpack(packed, bits, n).long()]
+        vals = _lut(centroids, bits, dtype, packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+        vals = vals.view(rows, -1)
+    elif bits == 3:
+        n8 = packed.shape[1] // 3 * 8
+        plane2, plane1 = packed[:, : n8 // 4], packed[:, n8 // 4 :]
+        nib = torch.stack([plane1 & 15, plane1 >> 4], dim=-1).view(rows, n8 // 4)
+        idx = plane2.to(torch.int32) + nib.to(torch.int32) * 256
+        vals = _lut(centroids, 3, dtype, packed.device).index_select(0, idx.view(-1)).view(rows, n8)
+    else:
+        return centroids.to(dtype).to(packed.device)[unpack(packed, bits, n).long()]
+    return vals if vals.shape[1] == n else vals[:, :n]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x [..., D]`` with broadcastable ``cos/sin [..., D/2]`` (half-split pairs), few temporaries."""
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    out = torch.empty_like(x)
+    torch.mul(a, cos, out=out[..., :h])
+    out[..., :h].addcmul_(b, sin, value=-1)
+    torch.mul(b, cos, out=out[..., h:])
+    out[..., h:].addcmul_(a, sin)
+    return out
 
 
 def nearest(norm: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -206,15 +246,30 @@ class KVQuantBlock(KVBlock):
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=n)
         return starts + torch.arange(n, device=counts.device) - first
 
+    def _shared_run(self) -> tuple[int, int] | None:
+        """(start, length) when every head holds the same consecutive positions (no eviction): broadcastable."""
+        if self.pos is not None or not self.uniform:
+            return None
+        starts = self.pos_start
+        if not bool((starts == starts[0]).all()):
+            return None
+        return int(starts[0]), int(self.lengths[0, 0])
+
     def dequant_pre(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-RoPE keys and values ``[N, D]`` (outliers restored)."""
         D = self.dim
         counts = self.lengths.flatten().to(self.kcodes.device)
         n = int(counts.sum())
         kc = centroid_values(self.kcodes, self.bits, D, self.kcent, dtype)
-        ks = torch.repeat_interleave(self.kscale.to(dtype), counts, dim=0, output_size=n)
-        ko = torch.repeat_interleave(self.koff.to(dtype), counts, dim=0, output_size=n)
-        keys = torch.addcmul(ko, kc, ks)
+        if self.uniform and n:
+            BH = counts.numel()
+            keys = torch.addcmul(self.koff.to(dtype)[:, None], kc.view(BH, -1, D), self.kscale.to(dtype)[:, None]).view(
+                n, D
+            )
+        else:
+            ks = torch.repeat_interleave(self.kscale.to(dtype), counts, dim=0, output_size=n)
+            ko = torch.repeat_interleave(self.koff.to(dtype), counts, dim=0, output_size=n)
+            keys = torch.addcmul(ko, kc, ks)
         vc = centroid_values(self.vcodes, self.bits, D, self.vcent, dtype)
         values = torch.addcmul(self.voff.to(dtype)[:, None], vc, self.vscale.to(dtype)[:, None])
         keys.view(-1).index_copy_(0, self.k_idx.long(), self.k_val.to(dtype))
@@ -223,7 +278,15 @@ class KVQuantBlock(KVBlock):
 
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.dequant_pre(torch.float32)
-        if self.inv_freq is not None:
+        run = self._shared_run()
+        if self.inv_freq is not None and run is not None and keys.numel():
+            start, L = run
+            cos_t, sin_t = _cos_sin_table(self.inv_freq, start + L, keys.device)
+            cos, sin = cos_t[start : start + L], sin_t[start : start + L]
+            if self.rope_scaling != 1.0:
+                cos, sin = cos * self.rope_scaling, sin * self.rope_scaling
+            keys = _rotate(keys.view(-1, L, self.dim), cos, sin).view(-1, self.dim)
+        elif self.inv_freq is not None:
             keys = rerope(keys, self.positions(), self.inv_freq, self.rope_scaling)
         return keys.to(dtype), values.to(dtype)
 
