@@ -145,3 +145,18 @@ def test_h2o_accumulated_attention_is_computed_once_per_prefill(model):
         assert calls == len(prefill.layers) and "prefill_memo" not in caches[0.5].shared_state
     finally:
         h2o.accumulated_attention = original
+
+
+def test_snapkv_votes_shared_across_ratios_and_budgets_equal_live(model):
+    """SnapKV's window votes are computed once per prefill and reused by every ratio and budget allocator."""
+    ids, question = _prompt(150, seed=6), torch.tensor([[4, 5, 6]])
+    prefill = capture_prefill(model, ids)
+    for method, ratio in [("snapkv", 0.25), ("snapkv+pyramidkv", 0.5), ("snapkv+adakv", 0.75), ("snapkv", 0.75)]:
+        cache = build_cache(model, prefill, method, ratio)
+        live = CompressedCache(model, method, ratio=ratio)
+        forward(model, live, ids, keep=1)
+        torch.testing.assert_close(forward(model, cache, question), forward(model, live, question), rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+        assert cache.stats()["tokens_kept"] == live.stats()["tokens_kept"]
+    assert sorted({k[0] for k in prefill.memo}) == ["snapkv.votes:32"]
+    assert len(prefill.memo) == len(prefill.layers)

@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvsqueeze.attention import NAME as KVSQUEEZE_ATTENTION
 from kvsqueeze.attention import kvsqueeze_attention
 from kvsqueeze.cache import CompressedCache, CompressedLayer
-from kvsqueeze.policies.h2o import PREFILL_MEMO
+from kvsqueeze.policies.base import PREFILL_MEMO
 from kvsqueeze.spec import Method
 
 CAPTURE = "kvsqueeze_bench_capture"
@@ -101,7 +101,8 @@ def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | No
     """The cache the live prefill would have left for ``method``, built from the captured tensors.
 
     While it is built, ``cache.shared_state[PREFILL_MEMO]`` holds ``prefill.memo``: scorers may keep there work that
-    depends only on the captured tensors (H2O's accumulated attention), so every ratio and method reuses it.
+    depends only on the captured tensors (``policies.base.prefill_memo``: H2O's accumulated attention, SnapKV's
+    window votes), so every ratio and method built from this prefill reuses it.
     """
     cache = CompressedCache(model, method, ratio=ratio)
     cache.shared_state[PREFILL_MEMO] = prefill.memo

@@ -9,6 +9,7 @@ compression inside it), as do longgen samples (``kvsqueeze.schedules_eval.longge
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from kvsqueeze.cache import CompressedCache
 from kvsqueeze.spec import parse_method
 
 _SPLIT = "\x00KVSQUEEZE_CONTEXT_END\x00"
-BATCH_ROWS = 12  # caches decoded together in one batched forward pass (bounds the memory held at once)
+BATCH_ROWS = 24  # at most this many caches per batched forward pass (bounds the memory held at once)
 
 
 def _attempt(run, cell) -> dict | Exception:
@@ -245,8 +246,9 @@ class SampleEvaluator:
                 results[i] = exc
                 continue
             built.append((i, cell, cache, time.perf_counter() - start))
-        for at in range(0, len(built), BATCH_ROWS):
-            chunk = built[at : at + BATCH_ROWS]
+        size = math.ceil(len(built) / max(math.ceil(len(built) / BATCH_ROWS), 1))  # balanced batches
+        for at in range(0, len(built), size):
+            chunk = built[at : at + size]
             try:
                 rows = self._batched([cache for _, _, cache, _ in chunk])
             except Exception:

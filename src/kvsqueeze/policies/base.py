@@ -6,6 +6,7 @@ Shapes: ``B`` batch, ``H`` KV heads, ``Hq`` query heads (``Hq = H * groups``), `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import Component
 
 PROTECTED = float("inf")  # score of a token that must be kept (sinks, observation window)
+PREFILL_MEMO = "prefill_memo"  # key of LayerContext.shared: work shared by caches built from one captured prefill
 
 
 @dataclass
@@ -123,3 +125,20 @@ def select(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor) -> t
     keep = torch.zeros(B, H, L, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, order, rank_ok)
     return keep & valid[:, None, :]
+
+
+def prefill_memo(ctx: LayerContext, name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()``, computed once per layer when several caches are built from the same captured prefill.
+
+    The benchmark (``kvsqueeze.bench.capture.build_cache``) puts one dict under ``ctx.shared[PREFILL_MEMO]`` while
+    it builds each method's cache from one prefill; elsewhere this is just ``fn()``. Only for work that depends on
+    the context tensors alone (not on the budget, the ratio or the layer's state); callers must not modify the
+    returned tensor in place.
+    """
+    memo = ctx.shared.get(PREFILL_MEMO)
+    if memo is None:
+        return fn()
+    key = (name, ctx.layer_idx, id(ctx.queries), id(ctx.keys), ctx.length)
+    if key not in memo:
+        memo[key] = fn()
+    return memo[key]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer, prefill_memo
 from kvsqueeze.spec import register
 
 
@@ -40,21 +40,6 @@ def accumulated_attention(ctx: LayerContext, chunk: int = 256) -> torch.Tensor:
     return total.view(B, Hq, L)
 
 
-PREFILL_MEMO = "prefill_memo"  # key of ctx.shared: a dict that caches built from one captured prefill share
-
-
-def _accumulated(ctx: LayerContext) -> torch.Tensor:
-    """:func:`accumulated_attention`, computed once per layer when several caches are built from the same captured
-    prefill (the benchmark puts a shared dict under ``ctx.shared[PREFILL_MEMO]`` while it builds a cache)."""
-    memo = ctx.shared.get(PREFILL_MEMO)
-    if memo is None:
-        return accumulated_attention(ctx)
-    key = ("h2o.accumulated", ctx.layer_idx, id(ctx.queries), id(ctx.keys), ctx.length)
-    if key not in memo:
-        memo[key] = accumulated_attention(ctx)
-    return memo[key]
-
-
 @register
 class H2O(Scorer):
     name = "h2o"
@@ -64,7 +49,7 @@ class H2O(Scorer):
     recent_fraction: float = 0.5
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        score = ctx.per_kv_head(_accumulated(ctx))
+        score = ctx.per_kv_head(prefill_memo(ctx, "h2o.accumulated", lambda: accumulated_attention(ctx)))
         if ctx.keep is not None and self.recent_fraction > 0:
             rank_from_end = ctx.valid.long().flip(-1).cumsum(-1).flip(-1)  # 1 = last real token
             recent = (ctx.keep.float() * self.recent_fraction).floor().long()

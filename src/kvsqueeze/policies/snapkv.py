@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer, prefill_memo
 from kvsqueeze.spec import register
 
 
@@ -45,7 +45,9 @@ class SnapKV(Scorer):
         return min(self.window, length)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        votes = ctx.window_attention(self.window).sum(dim=2)  # [B, Hq, L]
+        votes = prefill_memo(  # [B, Hq, L]
+            ctx, f"snapkv.votes:{self.window}", lambda: ctx.window_attention(self.window).sum(dim=2)
+        )
         votes = pool_scores(ctx.per_kv_head(votes), self.kernel, self.pool)
         in_window = torch.zeros_like(ctx.valid)
         in_window[:, -min(self.window, ctx.length) :] = True
