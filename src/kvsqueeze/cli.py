@@ -48,11 +48,20 @@ def _quiet_transformers() -> None:
 
 
 @app.command()
-def methods(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print README's methods table (Markdown)")] = False,
+) -> None:
     """List every method component: name, axis, family, paper, arXiv id, parameters."""
     from kvsqueeze.spec import AXES, registry
 
     rows = sorted(registry().values(), key=lambda r: (AXES.index(r.axis), r.family, r.name))
+    if markdown:
+        print("| method | axis | family | paper | arXiv |\n|---|---|---|---|---|")
+        for r in rows:
+            arxiv = f"[{r.arxiv}](https://arxiv.org/abs/{r.arxiv})" if r.arxiv else ""
+            print(f"| `{r.name}` | {r.axis} | {r.family} | {r.paper} | {arxiv} |")
+        return
     if as_json:
         payload = [
             {"name": r.name, "axis": r.axis, "family": r.family, "paper": r.paper, "arxiv": r.arxiv, "params": r.params}
