@@ -79,6 +79,11 @@ def cli():
         (["--dtype", "int3"], "unknown dtype"),
         (["--context-length", "2k"], "bad context length"),
         (["--executor", "slurm"], "unknown executor"),
+        (["--task", "longgen:many"], "bad longgen option"),
+        (["--task", "niah:deep"], "unknown option 'deep'"),
+        # SnapKV always keeps its 32-token window: 10 % of 300 tokens (30) cannot hold it
+        (["--methods", "snapkv", "--ratios", "0.9", "--context-length", "300"], "always keeps 32 tokens"),
+        (["--task", "file:/nonexistent/data.jsonl"], "dataset file not found"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):
@@ -93,6 +98,7 @@ def test_bench_malformed_jsonl(cli, tmp_path):
     bad.write_text("{not json}\n")
     result = CliRunner().invoke(cli, ["bench", "--task", f"file:{bad}", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "bad.jsonl:1: not valid JSON" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 def test_report_command(cli, fixture_run, tmp_path):
@@ -100,3 +106,4 @@ def test_report_command(cli, fixture_run, tmp_path):
     assert result.exit_code == 0 and "summary.md" in result.output
     missing = CliRunner().invoke(cli, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no results.jsonl" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1

@@ -63,6 +63,7 @@ def add_commands(app: typer.Typer) -> None:
         def work():
             from kvsqueeze.bench.runner import (
                 SweepConfig,
+                check_budgets,
                 get_executor,
                 parse_lengths,
                 parse_methods,
@@ -86,6 +87,7 @@ def add_commands(app: typer.Typer) -> None:
                 out=out,
                 resume=resume,
             )
+            check_budgets(config)
             runner = get_executor(executor)
             _quiet()
             return run_sweep(config, executor=runner, progress=progress)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -136,6 +137,26 @@ class SweepConfig:
                 self.mode,
             ]
         )
+
+
+def check_budgets(config: SweepConfig) -> None:
+    """Reject (before any model work) a method × ratio whose budget at a requested context length is smaller than
+    the tokens the method always keeps (SnapKV's window, StreamingLLM's sinks …). File datasets are not checked
+    (their lengths are per sample); a cell that still fails at run time is recorded as an error row."""
+    for task in config.tasks:
+        for length in config.lengths_for(task):
+            if not length:
+                continue
+            for cell in config.cells():
+                if cell.ratio is None:
+                    continue
+                keep = math.ceil(length * (1.0 - cell.ratio) - 1e-9)
+                protected = parse_method(cell.method).scorer.protected(length)
+                if keep < protected:
+                    raise KVSqueezeError(
+                        f"{cell.method} always keeps {protected} tokens but ratio {cell.ratio:g} of a {length}-token "
+                        f"context leaves {keep}; use a longer --context-length or a smaller ratio"
+                    )
 
 
 @dataclass
