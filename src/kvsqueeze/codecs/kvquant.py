@@ -395,7 +395,7 @@ def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float =
         "method": "kvquant",
         "paper": "arXiv 2401.18079",
         "model": model_key(model),
-        "calibration": {"tokens": int(ids.shape[1]), "outliers": outliers, "loss": float(out.loss)},
+        "calibration": {"tokens": int(ids.shape[1]), "outliers": outliers, "loss": float(out.loss.detach())},
         "rope": {"inv_freq": inv_freq, "scaling": rope_scaling},
         "layers": layers,
     }
