@@ -29,10 +29,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
+# `make bench` regenerates docs/results/{niah,fidelity,speed} (results.jsonl, summary.csv/.md, plots) from the
+# sweep below on the embedded model (SmolLM2-135M, float32, seed 0, query-agnostic). It deletes and rewrites only
+# those three folders; other result folders under docs/results/ are left alone. niah: the single and multikey
+# variants (one answer), 5 depths x numbers/words each; fidelity: KL and top-1 over 64 teacher-forced tokens;
+# speed: live-path timings and bytes vs. the full cache at 1k/2k/4k tokens.
+BENCH_METHODS := snapkv,h2o,streaming_llm,tova,knorm,keydiff,snapkv+pyramidkv,snapkv+adakv,kivi,snapkv+kivi
+BENCH_RATIOS := 0.25,0.5,0.75,0.9
+
 bench: $(STAMP)
-	$(BIN)/kvsqueeze bench --task niah --methods snapkv,h2o,streaming_llm,tova,knorm,keydiff,random \
-	  --ratios 0.25,0.5,0.75 --samples 10 --context-length 2048 --out docs/results/niah
-	$(BIN)/kvsqueeze report docs/results/niah
+	rm -rf docs/results/niah docs/results/fidelity docs/results/speed
+	$(BIN)/kvsqueeze bench --task niah:single,niah:multikey --methods $(BENCH_METHODS) --ratios $(BENCH_RATIOS) \
+	  --samples 10 --context-length 2048 --out docs/results/niah
+	$(BIN)/kvsqueeze bench --task fidelity --methods $(BENCH_METHODS) --ratios $(BENCH_RATIOS) \
+	  --samples 20 --context-length 2048 --out docs/results/fidelity
+	$(BIN)/kvsqueeze bench --task speed --methods snapkv,streaming_llm,kivi,snapkv+kivi --ratios 0.5 \
+	  --samples 2 --context-length 1024,2048,4096 --out docs/results/speed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
