@@ -15,13 +15,30 @@ def test_alternating_matching_stays_inside_chunks_and_takes_the_most_similar_edg
     e = torch.eye(4)
     # chunk 0: tokens 0..3 (A = 0, 2; B = 1, 3); chunk 1: tokens 4..7 (A = 4, 6; B = 5, 7)
     keys = torch.stack([e[0], e[0] + 0.01 * e[1], e[1], e[2], e[3], e[3] * 0.9 + 0.1 * e[0], e[2], e[2] + 0.3 * e[3]])
+    rep = chunked_soft_matching(keys, n_remove=2, chunk=4)
+    # edges: 0->1 (cos~1), 2->3 (0), 4->5 (0.99), 6->7 (0.96); a round takes the best half of its edges
+    assert rep.tolist() == [1, 1, 2, 3, 5, 5, 6, 7]
+    # the third merge comes from a second round over the survivors, re-split alternately: chunk 1 is now 5, 6, 7
+    # (A = 5, 7; B = 6) and 7->6 (0.96) beats 1->2, 3->2 and 5->6 (all ~0)
     rep = chunked_soft_matching(keys, n_remove=3, chunk=4)
-    # edges: 0->1 (cos~1), 2->3 (0), 4->5 (0.99), 6->7 (0.96); the 3 best merge, 2 stays alone
-    assert rep.tolist() == [1, 1, 2, 3, 5, 5, 7, 7]
+    assert rep.tolist() == [1, 1, 2, 3, 5, 5, 6, 6]
     # a later round merges centroids: removing everything but one token per chunk
     rep = chunked_soft_matching(keys, n_remove=6, chunk=4)
     assert len(set(rep[:4].tolist())) == 1 and len(set(rep[4:].tolist())) == 1
     assert set(rep[:4].tolist()) <= {0, 1, 2, 3}  # never across chunks
+
+
+def test_a_dissimilar_token_is_not_forced_into_a_cluster_when_the_merges_outnumber_one_rounds_edges():
+    """Regression: removing as many tokens as a round has A tokens used to take every edge at once, so an
+    outlier (here token 0, like an attention sink) was merged whatever its similarity (KL 0.95 on SmolLM2)."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.zeros(16, 8)
+    keys[:, 0] = 1.0
+    keys += 0.05 * torch.randn(16, 8, generator=gen)
+    keys[0] = torch.eye(8)[7] * 5  # the outlier is an A token (rank 0) of chunk 0
+    rep = chunked_soft_matching(keys, n_remove=8, chunk=8)  # 8 A tokens, 8 merges
+    assert rep[0] == 0 and (rep == 0).sum() == 1  # the outlier stays alone
+    assert rep.unique().numel() == 8  # and the 8 merges came from the similar tokens
 
 
 def test_centroids_are_the_means_of_their_clusters():
