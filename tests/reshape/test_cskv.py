@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.codecs.cskv import CSKVBlock, fit_cskv
 from kvsqueeze.policies.base import LayerContext
 from kvsqueeze.spec import parse_method
+from tests.conftest import tiny_model
 
 B, H, L, D = 2, 2, 20, 8
 
@@ -68,16 +68,7 @@ def test_full_rank_is_exact():
 
 
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_model("llama")
 
 
 def test_cskv_through_generate_with_context_bases_and_flushes():

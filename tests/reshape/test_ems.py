@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.policies.base import PROTECTED, LayerContext
 from kvsqueeze.policies.ems import evict_then_merge, global_local
 from kvsqueeze.spec import parse_method
+from tests.conftest import tiny_model
 
 
 def test_global_local_score_on_hand_made_attention():
@@ -60,16 +60,7 @@ def test_evicted_tokens_merge_into_the_most_similar_center_or_fall_in_the_zero_c
 
 
 def test_ems_through_generate():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model("llama")
     ids = torch.randint(0, 128, (1, 40))
     plain = CompressedCache(model, "ems:window=4,threshold=1.0", ratio=0.5)  # nothing reaches 1.0: pure eviction
     merged = CompressedCache(model, "ems:window=4,threshold=-1.0", ratio=0.5)  # every evicted token merges

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.policies.base import PROTECTED, LayerContext, select
 from kvsqueeze.policies.kvcluster import chunked_soft_matching, cluster_means
 from kvsqueeze.spec import parse_method
+from tests.conftest import tiny_model
 
 
 def test_alternating_matching_stays_inside_chunks_and_takes_the_most_similar_edges():
@@ -71,16 +71,7 @@ def test_scorer_keeps_one_slot_per_cluster_and_stores_centroids():
 
 
 def test_kvcluster_through_generate_shrinks_bytes():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model("llama")
     ids = torch.randint(0, 128, (1, 60))
     cache = CompressedCache(model, "kvcluster:window=8,chunk=16", budget=20)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.policies.kvmerger import gaussian_merge, merging_sets
+from tests.conftest import tiny_model
 
 
 def test_merging_sets_are_runs_of_similar_neighbours():
@@ -33,16 +33,7 @@ def test_evicted_tokens_fold_into_the_pivot_with_gaussian_weights():
 
 
 def test_kvmerger_through_generate_stores_merged_pivots():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_model("llama")
     ids = torch.randint(0, 128, (1, 40))
     plain = CompressedCache(model, "h2o", ratio=0.5)
     merged = CompressedCache(model, "kvmerger:threshold=0.0,sigma=100", ratio=0.5)

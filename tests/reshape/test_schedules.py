@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
+from transformers import StoppingCriteria
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.lazyeviction import fold_activations
 from kvsqueeze.policies.triattention import rope_inv_freq, to_pre_rope, trig_scores
-
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    return tiny_model("llama")
 
 
 class MaxHeld(StoppingCriteria):
