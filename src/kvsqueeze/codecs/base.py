@@ -61,6 +61,10 @@ class KVBlock:
     def nbytes(self) -> int:
         raise NotImplementedError
 
+    def bits_per_element(self) -> float:
+        """Bytes held × 8 per stored key/value element (needs ``self.dim``, the head dim)."""
+        return 8.0 * self.nbytes() / (2 * max(int(self.lengths.sum()), 1) * self.dim)
+
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision keys/values, flat ``[N, D]`` in (row, head, token) order: a transient copy."""
         raise NotImplementedError
@@ -80,6 +84,19 @@ class KVBlock:
                 b, h = divmod(i, H)
                 out[b, h], lse[b, h] = fused_partial_attention(q[b, h], k_h, v_h, scaling)
         return out, lse
+
+
+class PairBlock(KVBlock):
+    """Keys and values as two encoded tensors, each with ``nbytes()`` and ``dequant(dtype)`` (flat ``[N, D]``)."""
+
+    def __init__(self, keys, values, lengths: torch.Tensor, dim: int):
+        self.keys, self.values, self.lengths, self.dim = keys, values, lengths.cpu(), dim
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes() + self.values.nbytes()
+
+    def materialize(self, dtype):
+        return self.keys.dequant(dtype), self.values.dequant(dtype)
 
 
 class DenseBlock(KVBlock):

@@ -73,9 +73,6 @@ class BFPBlock(KVBlock):
     def nbytes(self) -> int:
         return tensor_bytes(self.perm) + self.keys.nbytes() + self.values.nbytes()
 
-    def bits_per_element(self) -> float:
-        return 8.0 * self.nbytes() / (2 * max(int(self.lengths.sum()), 1) * self.dim)
-
     def _token_perm(self, counts: list[int]) -> torch.Tensor:
         rep = torch.tensor(counts, device=self.perm.device)
         return self.perm.long().repeat_interleave(rep, dim=0, output_size=sum(counts))

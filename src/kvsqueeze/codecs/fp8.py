@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec, KVBlock, PairBlock, tensor_bytes
 from kvsqueeze.codecs.quant import interleave
 from kvsqueeze.spec import register
 
@@ -69,19 +69,9 @@ class FP8Tensor:
         )
 
 
-class FP8Block(KVBlock):
+class FP8Block(PairBlock):
     def __init__(self, keys: FP8Tensor, values: FP8Tensor, lengths: torch.Tensor):
-        self.keys, self.values, self.lengths = keys, values, lengths.cpu()
-        self.dim = keys.data.shape[-1]
-
-    def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes()
-
-    def bits_per_element(self) -> float:
-        return 8.0 * self.nbytes() / (2 * max(int(self.lengths.sum()), 1) * self.dim)
-
-    def materialize(self, dtype):
-        return self.keys.dequant(dtype), self.values.dequant(dtype)
+        super().__init__(keys, values, lengths, keys.data.shape[-1])
 
 
 @register

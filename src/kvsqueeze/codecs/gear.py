@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec, KVBlock, PairBlock, tensor_bytes
 from kvsqueeze.codecs.quant import Bits, ChannelQ, TokenQ
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
@@ -93,18 +93,8 @@ class GearTensor:
         return x
 
 
-class GearBlock(KVBlock):
-    def __init__(self, keys: GearTensor, values: GearTensor, lengths: torch.Tensor, dim: int):
-        self.keys, self.values, self.lengths, self.dim = keys, values, lengths.cpu(), dim
-
-    def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes()
-
-    def bits_per_element(self) -> float:
-        return 8.0 * self.nbytes() / (2 * max(int(self.lengths.sum()), 1) * self.dim)
-
-    def materialize(self, dtype):
-        return self.keys.dequant(dtype), self.values.dequant(dtype)
+class GearBlock(PairBlock):
+    """GEAR-compressed keys and values."""
 
 
 @register

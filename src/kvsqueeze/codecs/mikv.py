@@ -49,9 +49,6 @@ class MixedBlock(KVBlock):
     def nbytes(self) -> int:
         return self.high.nbytes() + self.low.nbytes()
 
-    def bits_per_element(self) -> float:
-        return 8.0 * self.nbytes() / (2 * max(int(self.lengths.sum()), 1) * self.dim)
-
     def materialize(self, dtype):
         hk, hv = self.high.materialize(dtype)
         lk, lv = self.low.materialize(dtype)

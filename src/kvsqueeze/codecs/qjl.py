@@ -91,9 +91,6 @@ class QJLBlock(KVBlock):
         keys = tensor_bytes(self.signs, self.norms, self.out_idx, self.out_signs, self.out_norms)
         return keys + self.values.nbytes()
 
-    def bits_per_element(self) -> float:
-        return 8.0 * self.nbytes() / (2 * max(int(self.lengths.sum()), 1) * self.dim)
-
     @staticmethod
     def _pm(packed: torch.Tensor, m: int) -> torch.Tensor:
         return unpack_float(packed, 1, m) * 2 - 1
