@@ -87,8 +87,22 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return out[..., :n]
 
 
+_WIDE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _byte_table(width: int, shift: int, device: torch.device) -> torch.Tensor:
+    """``[256]``: the ``8 // width`` codes (times ``2**shift``) of every packed byte as bytes of one wide integer, so
+    that one element gather unpacks a whole byte (re-viewed as ``uint8``, the codes in order)."""
+    key = ("bytes", width, shift, str(device))
+    if key not in _CACHE:
+        codes = _table(width, shift, torch.uint8, device).contiguous()
+        _CACHE[key] = codes.view(_WIDE[codes.shape[1]]).view(256)
+    return _CACHE[key]
+
+
 def unpack_float(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The codes of :func:`unpack` directly as floating point, by one table lookup per packed byte (fast path)."""
+    """The codes of :func:`unpack` directly as floating point, by one table lookup per packed byte (fast path:
+    the codes of a byte are gathered as one wide integer, planes joined as bytes, then one conversion)."""
     planes = _planes(bits)
     lead = packed.shape[:-1]
     n8 = packed.shape[-1] // bits * 8
@@ -97,7 +111,11 @@ def unpack_float(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = t
     for w, shift in planes:
         part = packed[..., start : start + n8 * w // 8]
         start += n8 * w // 8
-        vals = _table(w, shift, dtype, packed.device).index_select(0, part.reshape(-1).to(torch.int32))
-        vals = vals.view(*lead, n8)
-        out = vals if out is None else out + vals
+        if w == 8:
+            codes = part.reshape(*lead, n8)
+        else:
+            idx = part.reshape(-1).to(torch.int32)
+            codes = _byte_table(w, shift, packed.device).index_select(0, idx).view(torch.uint8).view(*lead, n8)
+        out = codes if out is None else out | codes
+    out = out.to(dtype)
     return out if n == n8 else out[..., :n]

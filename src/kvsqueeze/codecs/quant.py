@@ -18,7 +18,7 @@ from typing import Annotated
 import torch
 from pydantic import AfterValidator
 
-from kvsqueeze.codecs.base import KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import KVBlock, fused_partial_attention, tensor_bytes
 from kvsqueeze.codecs.packing import pack, unpack_float
 from kvsqueeze.errors import KVSqueezeError
 
@@ -157,9 +157,17 @@ class ChannelQ:
         N, D = x.shape
         sizes, counts = token_groups(lengths, group)
         xf = x.float()
+        flat = lengths.flatten()
         if bool((sizes == group).all()):
             xs = xf.view(-1, group, D)
             lo, hi = xs.amin(1), xs.amax(1)
+        elif N and bool((flat == flat[0]).all()):  # equal heads: whole groups then one short group, per head
+            full, rest = divmod(int(flat[0]), group)
+            xs = xf.view(flat.numel(), -1, D)
+            runs = [xs[:, : full * group].reshape(xs.shape[0], full, group, D)] if full else []
+            runs += [xs[:, None, full * group :]] if rest else []
+            lo = torch.cat([r.amin(2) for r in runs], 1).view(-1, D)
+            hi = torch.cat([r.amax(2) for r in runs], 1).view(-1, D)
         else:
             gidx = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes.long().to(x.device))
             lo = torch.full((len(sizes), D), float("inf"), device=x.device)
@@ -189,10 +197,22 @@ class ChannelQ:
     def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         c = unpack_float(self.codes, self.bits, self.dim, dtype)
         g = int(self.sizes[0]) if len(self.sizes) else 1
+        scale, zero = self.scale.to(dtype), self.zero.to(dtype)
         if bool((self.sizes == g).all()):  # uniform groups: broadcast, no gather
             view = c.view(-1, g, self.dim)
-            return torch.addcmul(self.zero.to(dtype)[:, None], view, self.scale.to(dtype)[:, None]).view(-1, self.dim)
-        s, z = self._expand(self.scale.to(dtype), self.zero.to(dtype), self.sizes, -1)
+            return torch.addcmul(zero[:, None], view, scale[:, None]).view(-1, self.dim)
+        runs = self.runs()
+        if runs is not None:  # every head has the same group pattern: one broadcast addcmul per run, in place
+            BH, n_g = len(self.counts), self.counts[0]
+            c = c.contiguous()
+            c3, s3, z3 = c.view(BH, -1, self.dim), scale.view(BH, n_g, self.dim), zero.view(BH, n_g, self.dim)
+            tok = 0
+            for g0, n, size in runs:
+                part = c3[:, tok : tok + n * size].view(BH, n, size, self.dim)
+                torch.addcmul(z3[:, g0 : g0 + n, None], part, s3[:, g0 : g0 + n, None], out=part)
+                tok += n * size
+            return c
+        s, z = self._expand(scale, zero, self.sizes, -1)
         return torch.addcmul(z, c, s)
 
     def runs(self) -> list[tuple[int, int, int]] | None:
@@ -263,9 +283,20 @@ class QuantBlock(KVBlock):
         return self.keys.dequant(dtype), self.values.dequant(dtype)
 
     def attend(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention read straight from the packed codes (scales folded into the products), uniform heads."""
+        """Attention over the block: keys and values dequantized (transiently, float32) in a few whole-block
+        operations, then one fused attention kernel for all heads. Fewer, larger kernels than attending from the
+        codes group by group: what a small decode step costs on a CPU (see ``attend_from_codes``)."""
         if not self.uniform:
             return super().attend(q, scaling)
+        B, H = self.lengths.shape
+        L, D = int(self.lengths[0, 0]), self.dim
+        keys, values = self.keys.dequant(torch.float32), self.values.dequant(torch.float32)  # the codes as stored
+        out, lse = fused_partial_attention(q.float(), keys.view(B, H, L, D), values.view(B, H, L, D), scaling)
+        return out.to(q.dtype), lse
+
+    def attend_from_codes(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention read straight from the packed codes (scales folded into the products), uniform heads: never
+        holds dequantized keys/values, at the price of many small kernels per call."""
         B, H = self.lengths.shape
         L, M, D = int(self.lengths[0, 0]), q.shape[2], q.shape[3]
         qf = q.float().reshape(B * H, M, D)
