@@ -84,15 +84,19 @@ def kvsqueeze_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return out
 
 
-_registered = False
+_registered: set[str] = set()
+
+
+def register_attention(name: str, function) -> None:
+    """Register ``function`` (and transformers' SDPA mask) under ``name`` with transformers' interfaces, once."""
+    if name not in _registered:
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _registered.add(name)
 
 
 def ensure_registered(model=None) -> None:
     """Register the attention and mask functions (once) and switch ``model`` to them."""
-    global _registered
-    if not _registered:
-        AttentionInterface.register(NAME, kvsqueeze_attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = True
+    register_attention(NAME, kvsqueeze_attention)
     if model is not None and model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.codecs.think import ThinKBlock
 from kvsqueeze.policies.base import LayerContext
 from kvsqueeze.spec import parse_method
+from tests.conftest import tiny_model
 
 B, H, G, L, D = 2, 2, 2, 12, 8
 
@@ -59,17 +59,7 @@ def test_attention_equals_exact_attention_over_the_kept_channels():
 
 
 def test_think_through_generate_keeps_pruning_appended_tokens():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).eval()
+    model = tiny_model("llama")
     ids = torch.randint(0, 128, (1, 40))
     cache = CompressedCache(model, "snapkv:window=8+think:prune=0.5", ratio=0.5)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)

@@ -15,11 +15,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import AttentionInterface, Cache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import Cache
 
 from kvsqueeze.attention import NAME as KVSQUEEZE_ATTENTION
-from kvsqueeze.attention import kvsqueeze_attention
+from kvsqueeze.attention import kvsqueeze_attention, register_attention
 from kvsqueeze.bench.capture import Decoded
 from kvsqueeze.cache import _ACTIVE, CompressedCache
 
@@ -61,21 +60,10 @@ def _batched_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return torch.cat(outs, dim=0), None
 
 
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if not _registered:
-        AttentionInterface.register(BATCHED, _batched_attention)
-        AttentionMaskInterface.register(BATCHED, sdpa_mask)
-        _registered = True
-
-
 @torch.no_grad()
 def forward_many(model, caches: list[CompressedCache], ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
     """Append ``ids`` (``[1, n]`` for every row, or ``[B, n]``) to every cache; logits ``[B, n or keep, V]``."""
-    _register()
+    register_attention(BATCHED, _batched_attention)
     B = len(caches)
     ids = (ids.expand(B, -1) if ids.shape[0] == 1 else ids).to(model.device)
     past = caches[0].get_seq_length()

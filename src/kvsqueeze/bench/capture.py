@@ -15,11 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvsqueeze.attention import NAME as KVSQUEEZE_ATTENTION
-from kvsqueeze.attention import kvsqueeze_attention
+from kvsqueeze.attention import kvsqueeze_attention, register_attention
 from kvsqueeze.cache import CompressedCache, CompressedLayer
 from kvsqueeze.policies.base import PREFILL_MEMO
 from kvsqueeze.spec import Method
@@ -60,21 +58,10 @@ def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, s
     return kvsqueeze_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if not _registered:
-        AttentionInterface.register(CAPTURE, _capture_attention)
-        AttentionMaskInterface.register(CAPTURE, sdpa_mask)
-        _registered = True
-
-
 @torch.no_grad()
 def capture_prefill(model, input_ids: torch.Tensor) -> Prefill:
     """Run the exact prefill of ``input_ids [1, L]`` once and record every layer's attention inputs."""
-    _register()
+    register_attention(CAPTURE, _capture_attention)
     cache = CompressedCache(model, "none")
     model.set_attn_implementation(CAPTURE)
     _RECORDS.layers = {}
