@@ -109,7 +109,7 @@ def generate(
 ) -> None:
     """Answer a question about a context with a compressed cache."""
     with user_errors():
-        from kvsqueeze.cache import CompressedCache
+        from kvsqueeze.core.cache import CompressedCache
         from kvsqueeze.models import load_model, parse_dtype
         from kvsqueeze.pipeline import answer, build_prompt
         from kvsqueeze.spec import parse_method

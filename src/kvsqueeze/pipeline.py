@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from kvsqueeze.cache import CompressedCache
+from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 
 _SPLIT = "\x00KVSQUEEZE_CONTEXT_END\x00"

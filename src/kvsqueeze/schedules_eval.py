@@ -1,7 +1,7 @@
 """Long-generation fidelity (``longgen``) and decoding cost of a method, for decoding-time schedules.
 
 ``longgen``: generate ``n_tokens`` greedily with the full cache, then teacher-force that continuation through
-a :class:`~kvsqueeze.cache.CompressedCache` under ``method`` one token at a time (so decoding schedules
+a :class:`~kvsqueeze.core.cache.CompressedCache` under ``method`` one token at a time (so decoding schedules
 recompress exactly as during generation) and compare each step's next-token distribution with the full
 cache's: top-1 agreement and KL(full ‖ compressed). Also reports tokens held at the end, bytes, and decode
 tokens/s of the compressed run relative to the full-cache run.
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from kvsqueeze.cache import CompressedCache
+from kvsqueeze.core.cache import CompressedCache
 
 
 def _teacher_forced(model, cache, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> tuple[torch.Tensor, float]:

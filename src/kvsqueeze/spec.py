@@ -72,15 +72,8 @@ def register(cls: type[Component]) -> type[Component]:
     return cls
 
 
-def _load_all() -> None:
-    """Import the modules that register components (kept lazy to avoid import cycles)."""
-    import kvsqueeze.codecs
-    import kvsqueeze.policies
-    import kvsqueeze.schedules  # noqa: F401
-
-
 def registry() -> dict[str, Registered]:
-    _load_all()
+    """Every registered component (the package's ``__init__`` imports the modules that register them)."""
     return REGISTRY
 
 

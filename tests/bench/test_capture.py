@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvsqueeze.bench.capture import build_cache, capture_prefill, forward, greedy
-from kvsqueeze.cache import CompressedCache
+from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model
 

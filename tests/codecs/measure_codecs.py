@@ -19,7 +19,7 @@ import time
 import torch
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.cache import CompressedLayer
+from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.data import essays
 from kvsqueeze.models import load_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.cache import CompressedLayer
+from kvsqueeze.core.layer import CompressedLayer
 from tests.conftest import tiny_model
 
 CODECS = [

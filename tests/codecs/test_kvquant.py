@@ -11,7 +11,6 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.cache import CompressedLayer
 from kvsqueeze.codecs.kvquant import (
     KVQuantBlock,
     KVQuantCodec,
@@ -23,8 +22,9 @@ from kvsqueeze.codecs.kvquant import (
     weighted_kmeans,
 )
 from kvsqueeze.codecs.quant import effective_bits
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.base import LayerContext
 from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache, KVSqueezeError
-from kvsqueeze.cache import CompressedLayer
 from kvsqueeze.codecs import kvtuner
 from kvsqueeze.codecs.calibration import cache_path, cached
 from kvsqueeze.codecs.kvtuner import CANDIDATES, pareto_front, search
+from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.spec import parse_method
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.policies.base import LayerContext
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.spec import parse_method
 
 

@@ -66,8 +66,7 @@ def test_quant_error_bound_is_tight_enough_to_fail():
 
 def test_kivi2_effective_bits_match_formula():
     # KIVI-2, group 32, no residual: 2 bits + fp16 scale and zero per 32 elements = 3 bits per element.
-    from kvsqueeze.codecs.base import KVBlock
-
+    from kvsqueeze.core.storage import KVBlock
     B, H, L, D = 1, 3, 256, 64
     codec = parse_method("kivi:bits=2,group=32,residual=0").codec
     gen = torch.Generator().manual_seed(0)

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from kvsqueeze.codecs.base import KVBlock, partial_attention
 from kvsqueeze.codecs.qjl import jl_matrix, qjl_estimate
+from kvsqueeze.core.attention_math import partial_attention
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.spec import parse_method
 
 

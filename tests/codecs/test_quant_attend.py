@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.codecs.base import partial_attention
 from kvsqueeze.codecs.quant import ChannelQ
+from kvsqueeze.core.attention_math import partial_attention
 from kvsqueeze.spec import parse_method
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.codecs.base import KVBlock
 from kvsqueeze.codecs.quant import TokenQ
 from kvsqueeze.codecs.rotatekv import fwht, outlier_order
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import parse_method
 

@@ -6,7 +6,7 @@ import torch
 
 from kvsqueeze.codecs.quant import TokenQ
 from kvsqueeze.codecs.zipcache import CSTQBlock, normalized_attention
-from kvsqueeze.policies.base import LayerContext
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.spec import parse_method
 
 
@@ -45,8 +45,7 @@ def test_channel_separable_quantization_beats_plain_token_wise_on_outlier_channe
     assert cstq < 0.8 * plain
     q = torch.randn(1, 2, 3, 16)
     out, lse = block.attend(q, 0.25)
-    from kvsqueeze.codecs.base import KVBlock
-
+    from kvsqueeze.core.storage import KVBlock
     ref_out, ref_lse = KVBlock.attend(block, q, 0.25)
     assert torch.allclose(out, ref_out, atol=1e-4) and torch.allclose(lse, ref_lse, atol=1e-4)
 

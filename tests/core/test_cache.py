@@ -8,7 +8,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvsqueeze import CompressedCache, KVSqueezeError
-from kvsqueeze.cache import CompressedLayer
+from kvsqueeze.core.layer import CompressedLayer
 from tests.conftest import tiny_model
 
 

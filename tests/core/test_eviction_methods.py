@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kvsqueeze.policies.base import LayerContext, select, tokens_to_keep
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import select, tokens_to_keep
 from kvsqueeze.spec import parse_method
 
 B, H, G, L, D = 2, 2, 2, 40, 8

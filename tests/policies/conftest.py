@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.policies.base import LayerContext
+from kvsqueeze.core.context import LayerContext
 from tests.conftest import tiny_model as build_tiny_model
 
 

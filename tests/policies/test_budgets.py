@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.codecs.base import tensor_bytes
+from kvsqueeze.core.storage import tensor_bytes
 from kvsqueeze.policies.adakv import AdaKVBudget, safeguard
 from kvsqueeze.policies.base import PROTECTED, select
 from kvsqueeze.policies.pyramidkv import PyramidKVBudget, pyramid_budgets

@@ -9,8 +9,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from kvsqueeze import CompressedCache
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.base import LayerContext, select
+from kvsqueeze.policies.base import select
 from kvsqueeze.policies.dapq import DapQ, rope_frequencies, shift_rope
 from kvsqueeze.policies.snapkv import SnapKV
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.codecs.base import DenseBlock, fused_partial_attention, partial_attention
+from kvsqueeze.core.attention_math import fused_partial_attention, partial_attention
+from kvsqueeze.core.storage import DenseBlock
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

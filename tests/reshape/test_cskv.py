@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.cache import CompressedCache
 from kvsqueeze.codecs.cskv import CSKVBlock, fit_cskv
-from kvsqueeze.policies.base import LayerContext
+from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model
 

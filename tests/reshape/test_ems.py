@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.cache import CompressedCache
-from kvsqueeze.policies.base import PROTECTED, LayerContext
+from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED
 from kvsqueeze.policies.ems import evict_then_merge, global_local
 from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.cache import CompressedCache
-from kvsqueeze.policies.base import PROTECTED, LayerContext, select
+from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED, select
 from kvsqueeze.policies.kvcluster import chunked_soft_matching, cluster_means
 from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model

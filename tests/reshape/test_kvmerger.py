@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kvsqueeze.cache import CompressedCache
+from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.policies.kvmerger import gaussian_merge, merging_sets
 from tests.conftest import tiny_model
 

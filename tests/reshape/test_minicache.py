@@ -9,9 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.cache import CompressedLayer
-from kvsqueeze.codecs.base import DenseBlock
 from kvsqueeze.codecs.minicache import MiniCacheBlock, angular_distance, merge_states, retained_pairs, slerp
+from kvsqueeze.core.layer import CompressedLayer
+from kvsqueeze.core.storage import DenseBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import parse_method
 from tests.conftest import TINY, tiny_model

@@ -7,10 +7,10 @@ import torch
 from transformers import StoppingCriteria
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvsqueeze.cache import CompressedCache
+from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.lazyeviction import fold_activations
-from kvsqueeze.policies.triattention import rope_inv_freq, to_pre_rope, trig_scores
+from kvsqueeze.schedules.lazyeviction import fold_activations
+from kvsqueeze.schedules.triattention import rope_inv_freq, to_pre_rope, trig_scores
 from tests.conftest import tiny_model
 
 

@@ -1,40 +1,32 @@
 """Prefill once, compress many times.
 
 The prefill of a sample does not depend on the method (prefill attention is exact for every method), so the
-harness runs it once with a recording attention function on a ``CompressedCache(model, "none")`` and keeps, per
-layer, what the attention function saw: post-RoPE queries, keys and values, the mask, the scaling and the
-position ids. :func:`build_cache` then makes each method's cache from those tensors exactly as the live forward
-pass would have (``cache.compress_layer`` with the same arguments), and decoding continues with the model.
-``tests/bench/test_capture.py`` proves that this equals compressing during the live forward pass.
+harness runs it once on a ``CompressedCache(model, "none")`` whose ``attention_observer`` keeps, per layer, what the
+attention call saw: post-RoPE queries, keys and values, the mask, the scaling and the position ids.
+:func:`build_cache` then makes each method's cache from those tensors exactly as the live forward pass would have:
+each layer's ``update`` with the captured keys and values, then the method's schedule (the one compression pipeline)
+with the captured attention call. ``tests/bench/test_capture.py`` proves that this equals compressing live.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.attention import NAME as KVSQUEEZE_ATTENTION
-from kvsqueeze.attention import kvsqueeze_attention, register_attention
-from kvsqueeze.cache import CompressedCache, CompressedLayer
+from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.context import AttentionCall
+from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.policies.base import PREFILL_MEMO
 from kvsqueeze.spec import Method
-
-CAPTURE = "kvsqueeze_bench_capture"
-_RECORDS = threading.local()
 
 
 @dataclass
 class LayerCapture:
-    queries: torch.Tensor  # [B, Hq, L, D] post-RoPE
+    call: AttentionCall  # module, post-RoPE queries [B, Hq, L, D], mask, scaling, position ids
     keys: torch.Tensor  # [B, H, L, D] what the cache returned (post-RoPE)
     values: torch.Tensor
-    mask: torch.Tensor | None
-    scaling: float
-    position_ids: torch.Tensor | None
-    module: object = None  # the attention module (decoding schedules' observe hooks read it)
 
 
 @dataclass
@@ -48,36 +40,24 @@ class Prefill:
     memo: dict = field(default_factory=dict)  # method-independent work shared by the caches built from it
 
 
-def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    records = getattr(_RECORDS, "layers", None)
-    if records is not None:
-        records[module.layer_idx] = LayerCapture(
-            query, key, value, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5,
-            kwargs.get("position_ids"), module,
-        )  # fmt: skip
-    return kvsqueeze_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
 @torch.no_grad()
 def capture_prefill(model, input_ids: torch.Tensor) -> Prefill:
     """Run the exact prefill of ``input_ids [1, L]`` once and record every layer's attention inputs."""
-    register_attention(CAPTURE, _capture_attention)
     cache = CompressedCache(model, "none")
-    model.set_attn_implementation(CAPTURE)
-    _RECORDS.layers = {}
+    records: dict[int, LayerCapture] = {}
+
+    def record(layer_idx: int, call: AttentionCall, keys: torch.Tensor, values: torch.Tensor) -> None:
+        records[layer_idx] = LayerCapture(call, keys, values)
+
+    cache.attention_observer = record
     start = time.perf_counter()
-    try:
-        out = model(
-            input_ids=input_ids.to(model.device),
-            attention_mask=torch.ones_like(input_ids, device=model.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        records = _RECORDS.layers
-    finally:
-        _RECORDS.layers = None
-        model.set_attn_implementation(KVSQUEEZE_ATTENTION)
+    out = model(
+        input_ids=input_ids.to(model.device),
+        attention_mask=torch.ones_like(input_ids, device=model.device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     seconds = time.perf_counter() - start
     layers = [records[i] for i in range(len(cache.layers))]
     return Prefill(layers, out.logits[0, -1].float().cpu(), int(input_ids.shape[-1]), seconds)
@@ -93,22 +73,12 @@ def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | No
     """
     cache = CompressedCache(model, method, ratio=ratio)
     cache.shared_state[PREFILL_MEMO] = prefill.memo
-    decode_step = getattr(cache.method.schedule, "decode_step", None)  # decoding schedules see every pass
-    for idx, layer in enumerate(cache.layers):
-        cap = prefill.layers[idx]
-        if isinstance(layer, CompressedLayer):
-            layer.lazy_initialization(cap.keys, cap.values)
-            layer.keys, layer.values, layer.seen = cap.keys, cap.values, cap.keys.shape[-2]
-            if decode_step is not None:  # as kvsqueeze_attention does after the prefill pass
-                start = time.perf_counter()
-                decode_step(cache, layer, cap.module, cap.queries, cap.mask, cap.scaling, cap.position_ids)
-                cache.compression_seconds += time.perf_counter() - start
-            elif cache.wants_compression(layer, cap.queries.shape[2]):
-                start = time.perf_counter()
-                cache.compress_layer(layer, cap.queries, cap.mask, cap.scaling, cap.position_ids)
-                cache.compression_seconds += time.perf_counter() - start
-        else:  # sliding-window layers keep their window, as in the live pass
-            layer.update(cap.keys, cap.values)
+    for layer, cap in zip(cache.layers, prefill.layers, strict=True):
+        layer.update(cap.keys, cap.values)  # what the live forward's update stores
+        if isinstance(layer, CompressedLayer) and cache.compresses:
+            start = time.perf_counter()
+            cache.method.schedule.after_attention(cache, layer, cap.call)
+            cache.compression_seconds += time.perf_counter() - start
     cache.shared_state.pop(PREFILL_MEMO, None)  # decoding-time recompressions see fresh tensors, never the memo
     return cache
 

@@ -22,7 +22,7 @@ from kvsqueeze.bench.batch import forward_many, greedy_many
 from kvsqueeze.bench.capture import Decoded, Prefill, build_cache, capture_prefill, eos_ids, forward, greedy
 from kvsqueeze.bench.tasks.base import Question, Sample
 from kvsqueeze.bench.text import encode
-from kvsqueeze.cache import CompressedCache
+from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.spec import parse_method
 
 _SPLIT = "\x00KVSQUEEZE_CONTEXT_END\x00"

@@ -18,7 +18,9 @@ from kvsqueeze.codecs import (
     think,
     zipcache,
 )
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention
+from kvsqueeze.codecs.base import Codec
+from kvsqueeze.core.attention_math import partial_attention
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 
 __all__ = [
     "Codec",

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.packing import pack, unpack_float
 from kvsqueeze.codecs.quant import interleave
+from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

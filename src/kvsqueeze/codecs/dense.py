@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock
+from kvsqueeze.codecs.base import Codec
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.spec import register
 
 

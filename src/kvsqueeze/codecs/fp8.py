@@ -15,8 +15,9 @@ from typing import Literal
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, KVBlock, PairBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import interleave
+from kvsqueeze.core.storage import KVBlock, PairBlock, tensor_bytes
 from kvsqueeze.spec import register
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}

@@ -27,8 +27,9 @@ from typing import Literal
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, KVBlock, PairBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, ChannelQ, TokenQ
+from kvsqueeze.core.storage import KVBlock, PairBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

@@ -3,7 +3,7 @@
 Not papers: the storage of transformers' ``QuantizedCache`` (``transformers.cache_utils``: ``QuantoQuantizedLayer``,
 ``HQQQuantizedLayer``, ``Fp8QuantizedLayer``), reused verbatim — each block holds the backend's own quantized
 tensors, made by the backend layer's ``_quantize`` and read back by its ``_dequantize``. Running them inside
-:class:`~kvsqueeze.cache.CompressedCache` gives them the benchmark harness, ``kvsqueeze generate``, ``fork()`` and
+:class:`~kvsqueeze.core.cache.CompressedCache` gives them the benchmark harness, ``kvsqueeze generate``, ``fork()`` and
 byte accounting (the bytes of every tensor the backend holds, its scales and zero-points included, which it keeps at
 the model's dtype), and lets them follow an eviction policy (``snapkv+hf_quanto:bits=2``).
 
@@ -25,7 +25,8 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import AfterValidator, Field
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock
+from kvsqueeze.codecs.base import Codec
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

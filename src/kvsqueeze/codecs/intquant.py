@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from kvsqueeze.codecs.base import Codec, KVBlock
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, ChannelQ, QuantBlock, TokenQ
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.spec import register
 
 

@@ -17,9 +17,10 @@ from each head's kept tokens in order. Values' channel group is ``min(group, hea
 
 from __future__ import annotations
 
-from kvsqueeze.codecs.base import Codec, KVBlock
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.intquant import merge_blocks
 from kvsqueeze.codecs.quant import Bits, ChannelQ, QuantBlock, TokenQ
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.packing import pack, unpack
+from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

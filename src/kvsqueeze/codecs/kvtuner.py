@@ -33,9 +33,12 @@ from pathlib import Path
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.calibration import cached, calibration_ids, model_key
 from kvsqueeze.codecs.quant import ChannelQ, QuantBlock, TokenQ
+from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.layer import CompressedLayer
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -108,8 +111,6 @@ def search(
     candidates: tuple[tuple[int, int], ...] = CANDIDATES,
 ) -> dict:
     """Run KVTuner's calibration on ``model`` and return the configuration (JSON-serializable)."""
-    from kvsqueeze.cache import CompressedCache, CompressedLayer
-
     ids = calibration_ids(model, tokenizer, n_tokens + probe)
     if ids.shape[1] < 2 * probe:
         raise KVSqueezeError("calibration text too short; install the essays (`make install`)")

@@ -26,9 +26,10 @@ import math
 
 import torch
 
-from kvsqueeze.attention import merge_partials
-from kvsqueeze.codecs.base import Codec, KVBlock
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, ChannelQ, QuantBlock, TokenQ, interleave
+from kvsqueeze.core.attention_math import merge_partials
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

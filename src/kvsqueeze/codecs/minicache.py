@@ -47,7 +47,8 @@ import math
 import torch
 from pydantic import Field
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec
+from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

@@ -18,8 +18,10 @@ from typing import Annotated
 import torch
 from pydantic import AfterValidator
 
-from kvsqueeze.codecs.base import KVBlock, fused_partial_attention, tensor_bytes
 from kvsqueeze.codecs.packing import pack, unpack_float
+from kvsqueeze.core.attention_math import fused_partial_attention
+from kvsqueeze.core.layer import CompressedLayer
+from kvsqueeze.core.storage import KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 
 FP16_MAX = 65504.0
@@ -325,11 +327,9 @@ def bits_per_element(block: KVBlock) -> float:
 
 
 def effective_bits(cache) -> float:
-    """Bits per key/value element a :class:`~kvsqueeze.cache.CompressedCache` holds for the tokens it keeps:
+    """Bits per key/value element a :class:`~kvsqueeze.core.cache.CompressedCache` holds for the tokens it keeps:
     8 × ``cache.nbytes()`` / (2 × kept tokens × head dim), every block's metadata and the full-precision tail
     (residual window) included."""
-    from kvsqueeze.cache import CompressedLayer
-
     elements = 0
     for layer in cache.layers:
         if isinstance(layer, CompressedLayer) and layer.is_initialized:

@@ -24,8 +24,10 @@ import math
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, partial_attention, tensor_bytes
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, TokenQ, interleave
+from kvsqueeze.core.attention_math import partial_attention
+from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -86,7 +88,7 @@ class RotateBlock(KVBlock):
         return keys.to(dtype), values.to(dtype)
 
     def attend(self, q, scaling):
-        from kvsqueeze.attention import merge_partials
+        from kvsqueeze.core.attention_math import merge_partials
 
         counts = self.body_counts
         if len(set(counts)) != 1 or len(set(self.sink_counts)) != 1:

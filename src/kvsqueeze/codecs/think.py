@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvsqueeze.codecs.base import Codec, KVBlock, partial_attention, tensor_bytes
+from kvsqueeze.codecs.base import Codec
+from kvsqueeze.core.attention_math import partial_attention
+from kvsqueeze.core.storage import KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

@@ -25,9 +25,10 @@ import math
 
 import torch
 
-from kvsqueeze.codecs.base import Codec, DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.mikv import MixedBlock
 from kvsqueeze.codecs.quant import Bits, QuantBlock, TokenQ
+from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 

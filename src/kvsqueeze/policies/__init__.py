@@ -1,5 +1,6 @@
 """Policies: which tokens to keep (scorers and selection rules) and how budgets are split."""
 
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.policies import (
     adakv,
     baselines,
@@ -15,7 +16,6 @@ from kvsqueeze.policies import (
     kvcluster,
     kvcrush,
     kvmerger,
-    lazyeviction,
     prefixkv,
     pyramidkv,
     razorattention,
@@ -23,11 +23,10 @@ from kvsqueeze.policies import (
     streaming_llm,
     tova,
     treekv,
-    triattention,
     uniform,
     windowkv,
 )
-from kvsqueeze.policies.base import Budget, LayerContext, Scorer, select, tokens_to_keep
+from kvsqueeze.policies.base import Budget, Scorer, select, tokens_to_keep
 
 __all__ = [
     "Budget",
@@ -47,7 +46,6 @@ __all__ = [
     "kvcluster",
     "kvcrush",
     "kvmerger",
-    "lazyeviction",
     "prefixkv",
     "pyramidkv",
     "razorattention",
@@ -57,7 +55,6 @@ __all__ = [
     "tokens_to_keep",
     "tova",
     "treekv",
-    "triattention",
     "uniform",
     "windowkv",
 ]

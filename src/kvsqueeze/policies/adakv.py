@@ -22,7 +22,8 @@ import math
 import torch
 from pydantic import Field
 
-from kvsqueeze.policies.base import Budget, LayerContext
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import Budget
 from kvsqueeze.spec import register
 
 

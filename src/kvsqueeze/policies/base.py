@@ -1,72 +1,19 @@
-"""What a scorer and a budget allocator see, and the selection step they share.
+"""The scorer and budget axes, and the selection step they share (what they see: :class:`LayerContext`).
 
 Shapes: ``B`` batch, ``H`` KV heads, ``Hq`` query heads (``Hq = H * groups``), ``L`` tokens, ``D`` head dim.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.spec import Component
 
 PROTECTED = float("inf")  # score of a token that must be kept (sinks, observation window)
 PREFILL_MEMO = "prefill_memo"  # key of LayerContext.shared: work shared by caches built from one captured prefill
-
-
-@dataclass
-class LayerContext:
-    """Everything known about one attention layer at compression time."""
-
-    layer_idx: int
-    num_layers: int
-    keys: torch.Tensor  # [B, H, L, D], post-RoPE, as cached
-    values: torch.Tensor  # [B, H, L, D]
-    queries: torch.Tensor | None  # [B, Hq, Lq, D]: queries of the last Lq tokens (Lq <= L), post-RoPE
-    valid: torch.Tensor  # [B, L] bool: real tokens (False = padding)
-    scaling: float
-    positions: torch.Tensor | None = None  # [B, L] RoPE positions (position_ids)
-    keep: torch.Tensor | None = None  # [B] uniform per-head budget of each row
-    state: dict = field(default_factory=dict)  # per-layer state a component keeps between calls
-    shared: dict = field(default_factory=dict)  # cache-wide state (layer allocators that cascade across layers)
-    scores: torch.Tensor | None = None  # [B, H, L] the scorer's scores, set by the cache after scoring (codecs read it)
-    stored: torch.Tensor | None = None  # [B, H, L] bool: tokens handed to Codec.encode (flat order), set by the cache
-
-    @property
-    def groups(self) -> int:
-        return self.queries.shape[1] // self.keys.shape[1] if self.queries is not None else 1
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[2]
-
-    def require_queries(self, who: str, count: int = 1) -> torch.Tensor:
-        if self.queries is None or self.queries.shape[2] < count:
-            raise KVSqueezeError(f"{who} needs the last {count} queries, which this schedule does not provide")
-        return self.queries
-
-    def window_attention(self, window: int) -> torch.Tensor:
-        """Softmax attention of the last ``window`` queries over all keys: ``[B, Hq, w, L]`` (causal, no padding)."""
-        q = self.require_queries("this scorer", 1)
-        w = min(window, q.shape[2])
-        q = q[:, :, -w:]
-        keys = self.keys.repeat_interleave(self.groups, dim=1)
-        logits = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scaling
-        L = self.length
-        q_pos = torch.arange(L - w, L, device=q.device)
-        visible = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]  # [w, L]
-        visible = visible[None, None] & self.valid[:, None, None, :]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
-
-    def per_kv_head(self, per_query_head: torch.Tensor) -> torch.Tensor:
-        """Average a ``[B, Hq, ...]`` score over the query heads of each KV group: ``[B, H, ...]``."""
-        B, Hq = per_query_head.shape[:2]
-        return per_query_head.view(B, Hq // self.groups, self.groups, *per_query_head.shape[2:]).mean(2)
 
 
 class Scorer(Component):
@@ -103,12 +50,12 @@ class Budget(Component):
 
 
 def tokens_to_keep(valid_lengths: torch.Tensor, ratio: float | None, budget: int | None) -> torch.Tensor:
-    """Per-row tokens kept per head: ``round(n * (1 - ratio))`` or ``min(budget, n)``; never below 1."""
+    """Per-row tokens kept per head: ``ceil(n * (1 - ratio))`` or ``min(budget, n)``; never below 1."""
     n = valid_lengths.to(torch.long)
     if budget is not None:
         keep = torch.clamp(n, max=budget)
     else:
-        keep = torch.tensor([math.ceil(int(x) * (1.0 - (ratio or 0.0)) - 1e-9) for x in n], dtype=torch.long)
+        keep = torch.ceil(n.double() * (1.0 - (ratio or 0.0)) - 1e-9).long()
     return torch.clamp(keep, min=1)
 
 

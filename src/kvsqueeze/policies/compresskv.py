@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.policies.heads import _interp, load_head_scores
 from kvsqueeze.policies.snapkv import pool_scores
 from kvsqueeze.spec import register

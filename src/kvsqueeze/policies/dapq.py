@@ -26,8 +26,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.policies.snapkv import pool_scores
 from kvsqueeze.spec import register
 

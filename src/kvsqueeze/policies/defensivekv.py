@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.policies.adakv import AdaKVBudget, safeguard
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.spec import register
 
 

@@ -5,14 +5,20 @@ Score = attention accumulated over every query of the prompt (column sums of the
 matrix, averaged over the query heads of a KV group); the most recent ``recent_fraction`` of the budget
 is kept as the recent window, the rest goes to the heavy hitters (the paper splits the budget evenly).
 Deviations: one-shot at prefill; the paper's greedy per-step eviction during decoding is the
-``interval:every=1`` schedule composed with ``h2o``. GQA: scores averaged over each KV group.
+``interval:every=1`` schedule composed with ``h2o``: then :meth:`H2O.observe` accumulates the attention of every
+query since the prompt (kept in ``state["acc"]``, aligned with the held tokens) and the score reads it.
+GQA: scores averaged over each KV group.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer, prefill_memo
+from kvsqueeze.core.compressor import aligned
+from kvsqueeze.core.context import DecodeStep, LayerContext, per_kv_head
+from kvsqueeze.policies.base import PROTECTED, Scorer, prefill_memo
 from kvsqueeze.spec import register
 
 
@@ -47,9 +53,24 @@ class H2O(Scorer):
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
     arxiv = "2306.14048"
     recent_fraction: float = 0.5
+    needs_attention: ClassVar[bool] = True  # decoding schedules hand observe() the new queries' attention
+
+    def observe(self, state: dict, step: DecodeStep) -> None:
+        """Decoding: add the attention of the pass's queries to every held token's accumulated score."""
+        gained = per_kv_head(step.probs.sum(2), step.keys.shape[1])  # [B, H, L]
+        acc = state.get("acc")
+        if acc is None or step.first:
+            state["acc"] = gained
+        else:
+            state["acc"] = torch.nn.functional.pad(acc, (0, gained.shape[-1] - acc.shape[-1])) + gained
+        aligned(state, "acc")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        score = ctx.per_kv_head(prefill_memo(ctx, "h2o.accumulated", lambda: accumulated_attention(ctx)))
+        acc = ctx.state.get("acc")
+        if acc is not None and acc.shape[-1] == ctx.length:  # decoding: what observe() accumulated
+            score = acc.clone()
+        else:
+            score = ctx.per_kv_head(prefill_memo(ctx, "h2o.accumulated", lambda: accumulated_attention(ctx)))
         if ctx.keep is not None and self.recent_fraction > 0:
             rank_from_end = ctx.valid.long().flip(-1).cumsum(-1).flip(-1)  # 1 = last real token
             recent = (ctx.keep.float() * self.recent_fraction).floor().long()

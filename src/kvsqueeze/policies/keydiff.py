@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvsqueeze.policies.base import LayerContext, Scorer
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import Scorer
 from kvsqueeze.spec import register
 
 

@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.policies.snapkv import pool_scores
 from kvsqueeze.spec import register
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvsqueeze.policies.base import LayerContext
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.policies.h2o import H2O
 from kvsqueeze.spec import register
 

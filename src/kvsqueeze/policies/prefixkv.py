@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.base import Budget, LayerContext
+from kvsqueeze.policies.base import Budget
 from kvsqueeze.policies.heads import load_head_scores
 from kvsqueeze.policies.pyramidkv import protected_count
 from kvsqueeze.spec import register

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from kvsqueeze.policies.base import PROTECTED, Budget, LayerContext
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED, Budget
 from kvsqueeze.spec import register
 
 

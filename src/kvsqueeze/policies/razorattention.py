@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.policies.heads import load_head_scores, retrieval_heads
 from kvsqueeze.spec import register
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer, prefill_memo
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED, Scorer, prefill_memo
 from kvsqueeze.spec import register
 
 

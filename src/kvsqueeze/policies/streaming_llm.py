@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.spec import register
 
 

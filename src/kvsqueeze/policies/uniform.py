@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.policies.base import Budget, LayerContext
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import Budget
 from kvsqueeze.spec import register
 
 

@@ -28,7 +28,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvsqueeze.policies.base import PROTECTED, LayerContext, Scorer
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.policies.base import PROTECTED, Scorer
 from kvsqueeze.policies.chunkkv import chunk_scores
 from kvsqueeze.spec import register
 

@@ -24,13 +24,12 @@ the two terms was not available offline):
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field
 
+from kvsqueeze.core.context import DecodeStep, LayerContext
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.schedules import DecodingSchedule
+from kvsqueeze.schedules.base import DecodingSchedule, OwnRule
 from kvsqueeze.spec import register
 
 
@@ -67,32 +66,30 @@ def trig_scores(
 
 
 @register
-class TriAttention(DecodingSchedule):
+class TriAttention(OwnRule, DecodingSchedule):
     name = "triattention"
     family = "schedule"
     paper = "TriAttention: Efficient Long Reasoning with Trigonometric KV Compression"
     arxiv = "2604.04921"
-    aligned: ClassVar[tuple[str, ...]] = ("pos",)
     horizon: int = Field(1024, ge=1)
     recent: int = Field(8, ge=0)
 
     def protected_recent(self) -> int:
         return self.recent
 
-    def observe(self, cache, layer, new: dict) -> None:
-        q = new["queries"]
-        state = layer.state
+    def observe(self, state: dict, step: DecodeStep) -> None:
+        q = step.queries
         if "inv_freq" not in state:
-            state["inv_freq"] = rope_inv_freq(new["module"], q.shape[-1])
-        pre = to_pre_rope(q, new["positions"][:, None, :], state["inv_freq"])  # [B, Hq, M, F]
-        if new["first"] or "q_sum" not in state:
+            state["inv_freq"] = rope_inv_freq(step.module, q.shape[-1])
+        pre = to_pre_rope(q, step.positions[:, None, :], state["inv_freq"])  # [B, Hq, M, F]
+        if step.first or "q_sum" not in state:
             state["q_sum"], state["q_abs"], state["q_n"] = 0, 0, 0
         state["q_sum"] = state["q_sum"] + pre.sum(2)
         state["q_abs"] = state["q_abs"] + pre.abs().sum(2)
         state["q_n"] = state["q_n"] + pre.shape[2]
 
-    def scores(self, cache, layer, ctx) -> torch.Tensor:
-        state = layer.state
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        state = ctx.state
         inv_freq = state["inv_freq"]
         center = state["q_sum"] / state["q_n"]  # [B, Hq, F]
         mean_abs = state["q_abs"] / state["q_n"]

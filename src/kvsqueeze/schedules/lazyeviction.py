@@ -25,7 +25,9 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from kvsqueeze.schedules import DecodingSchedule, per_kv_head
+from kvsqueeze.core.compressor import aligned
+from kvsqueeze.core.context import DecodeStep, LayerContext, per_kv_head
+from kvsqueeze.schedules.base import DecodingSchedule, OwnRule
 from kvsqueeze.spec import register
 
 
@@ -39,30 +41,27 @@ def fold_activations(
 
 
 @register
-class LazyEviction(DecodingSchedule):
+class LazyEviction(OwnRule, DecodingSchedule):
     name = "lazyeviction"
     family = "schedule"
     paper = "LazyEviction: Lagged KV Eviction with Attention Pattern Observation for Efficient Long Reasoning"
     arxiv = "2506.15969"
-    aligned: ClassVar[tuple[str, ...]] = ("pos", "last", "mri")
+    needs_attention: ClassVar[bool] = True
     alpha: float = Field(1.0, gt=0)
 
     def lag(self) -> int:  # the observation window is the eviction lag
         return self.window
 
-    def needs_attention(self, cache) -> bool:
-        return True
-
     def protected_recent(self) -> int:
         return self.window
 
-    def observe(self, cache, layer, new: dict) -> None:
-        keys, valid, probs = new["keys"], new["valid"], new["probs"]
+    def observe(self, state: dict, step: DecodeStep) -> None:
+        keys, valid, probs = step.keys, step.valid, step.probs
         B, H, L, _ = keys.shape
         M = probs.shape[2]
-        state = layer.state
         pos = state["pos"]  # [B, H, L]
-        if new["first"] or "last" not in state:
+        aligned(state, "last", "mri")
+        if step.first or "last" not in state:
             last, mri = pos.clone(), torch.zeros_like(pos)
         else:
             pad = L - state["last"].shape[-1]
@@ -72,13 +71,13 @@ class LazyEviction(DecodingSchedule):
         seen = torch.arange(L - M, L, device=keys.device)[:, None] >= torch.arange(L, device=keys.device)[None, :]
         n_seen = (seen[None] & valid[:, None, :]).sum(-1).clamp(min=1)  # [B, M]
         active = (att >= self.alpha / n_seen[:, None, :, None]) & seen[None, None] & valid[:, None, None, :]
-        steps = new["positions"][:, None, :, None].expand(B, H, M, 1)  # [B, H, M, 1]
+        steps = step.positions[:, None, :, None].expand(B, H, M, 1)  # [B, H, M, 1]
         for i in range(M):
             last, mri = fold_activations(active[:, :, i], steps[:, :, i], last, mri)
         state["last"], state["mri"] = last, mri
 
-    def scores(self, cache, layer, ctx) -> torch.Tensor:
-        state = layer.state
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        state = ctx.state
         now = state["pos"].max(dim=-1, keepdim=True).values
         slack = (state["mri"] - (now - state["last"])).float()
         return slack + state["pos"].float() * 1e-6  # tie-break: newer first

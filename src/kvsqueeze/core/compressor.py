@@ -1,0 +1,122 @@
+"""The one compression pipeline: scores → budgets → selection → merge → codec → storage.
+
+:func:`compress` is the only code that turns what a layer holds into compressed storage. It is called by the live
+prefill (through the attention binding), by the benchmark's captured build (the same attention inputs, recorded
+once) and by every decoding schedule (what the layer holds, to a token budget). Schedules decide *when* and *to
+what budget*; scorers, budgets and codecs decide *what* and *how*.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.layer import CompressedLayer
+from kvsqueeze.core.masks import valid_tokens
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.policies.base import Scorer, select, tokens_to_keep
+from kvsqueeze.spec import Method
+
+ALIGNED = "aligned"  # LayerContext.state[ALIGNED]: names of per-token state tensors [B, H, L] kept in step with storage
+
+
+def attention_context(
+    layer: CompressedLayer,
+    queries: torch.Tensor,
+    attention_mask,
+    scaling: float,
+    position_ids: torch.Tensor | None,
+    *,
+    num_layers: int,
+    shared: dict,
+    ratio: float | None,
+    budget: int | None,
+) -> LayerContext:
+    """The context of compressing everything an uncompressed ``layer`` holds right after an attention call."""
+    keys, values = layer.keys, layer.values
+    B, L = keys.shape[0], keys.shape[2]
+    valid = valid_tokens(attention_mask, B, L, keys.device)
+    if layer.is_sliding:  # the next query sees only the last ``window - 1`` tokens
+        cols = torch.arange(layer.seen - L, layer.seen, device=keys.device)
+        valid = valid & (cols > layer.seen - layer.sliding_window)[None, :]
+    positions = None if position_ids is None else position_ids.expand(B, -1)[:, -L:]
+    return LayerContext(
+        layer_idx=layer.layer_idx,
+        num_layers=num_layers,
+        keys=keys,
+        values=values,
+        queries=queries,
+        valid=valid,
+        scaling=scaling,
+        positions=positions,
+        keep=tokens_to_keep(valid.sum(-1), ratio, budget),
+        state=layer.state,
+        shared=shared,
+    )
+
+
+def compress(layer: CompressedLayer, ctx: LayerContext, method: Method, scorer: Scorer | None = None) -> torch.Tensor:
+    """Compress ``ctx.keys/values`` (everything ``layer`` holds, in order) into ``layer``'s storage; returns the keep
+    mask ``[B, H, L]``.
+
+    ``scorer`` replaces the method's scorer (decoding schedules that bring their own rule); with neither (method
+    ``none`` + a codec) every valid token is kept and encoded. Per-token state tensors named in
+    ``ctx.state[ALIGNED]`` are gathered with the kept tokens (their rows must keep equal counts on every head).
+    """
+    scorer = scorer if scorer is not None else (method.scorer if method.evicts else None)
+    B, H, L, _ = ctx.keys.shape
+    keys, values = ctx.keys, ctx.values
+    if scorer is not None:
+        protected = scorer.protected(L)
+        smallest = int(ctx.keep.min())
+        if smallest < protected:
+            raise KVSqueezeError(
+                f"{scorer.name} always keeps {protected} tokens but the budget is {smallest} per head; "
+                "use a longer context, a smaller ratio or a larger budget"
+            )
+        scores = scorer.score(ctx)
+        ctx.scores = scores
+        counts = scorer.counts(scores, ctx.keep, ctx)  # head-aware selectors own their budgets
+        if counts is None:
+            counts = method.budget.allocate(scores, ctx.keep, ctx)
+        keep = select(scores, counts, ctx.valid)
+        merged = scorer.merge(ctx, keep)
+        if merged is not None:
+            keys, values = merged
+    else:
+        keep = ctx.valid[:, None, :].expand(B, H, L)
+    layer.store(keys, values, keep, ctx)
+    realign(ctx.state, keep)
+    return keep
+
+
+def aligned(state: dict, *names: str) -> None:
+    """Declare per-token state tensors ``[B, H, L]`` that every eviction gathers with the kept tokens."""
+    state[ALIGNED] = tuple(dict.fromkeys((*state.get(ALIGNED, ()), *names)))
+
+
+def realign(state: dict, keep: torch.Tensor) -> None:
+    """Gather the per-token state tensors named in ``state[ALIGNED]`` with ``keep [B, H, L]``, left-padded per row."""
+    for name in state.get(ALIGNED, ()):
+        if name in state and state[name].shape[-1] == keep.shape[-1]:
+            state[name] = pack_left(state[name], keep, -1 if name in ("pos", "cols") else 0)
+
+
+def pack_left(x: torch.Tensor, keep: torch.Tensor, fill=0) -> torch.Tensor:
+    """Gather ``x [B, H, L, ...]`` where ``keep [B, H, L]`` into ``[B, H, K, ...]``, rows left-padded with ``fill``.
+
+    Every head of a row must keep the same count (uniform budgets); rows may differ (padding in a batch).
+    """
+    B, H = keep.shape[:2]
+    counts = keep.sum(-1)  # [B, H]
+    if not bool((counts == counts[:, :1]).all()):
+        raise KVSqueezeError("decoding schedules need the same kept count on every head; use the uniform budget")
+    K = int(counts.max()) if counts.numel() else 0
+    # rank of each kept token from the end of its row: the last kept token goes to slot K - 1
+    rank_from_end = keep.flip(-1).long().cumsum(-1).flip(-1)  # [B, H, L]
+    slot = (K - rank_from_end).clamp(min=0)
+    out = torch.full((B, H, K, *x.shape[3:]), fill, dtype=x.dtype, device=x.device)
+    b, h, t = keep.nonzero(as_tuple=True)
+    source = x if x.shape[:3] == keep.shape else x.expand(B, H, *x.shape[2:])
+    out[b, h, slot[b, h, t]] = source[b, h, t]
+    return out

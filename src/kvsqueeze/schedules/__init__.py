@@ -1,0 +1,6 @@
+"""Schedules: when compression runs (once after prefill, or during decoding)."""
+
+from kvsqueeze.schedules import base, interval, lazyeviction, triattention
+from kvsqueeze.schedules.base import DecodingSchedule, Schedule
+
+__all__ = ["DecodingSchedule", "Schedule", "base", "interval", "lazyeviction", "triattention"]
