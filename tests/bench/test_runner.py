@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvsqueeze.bench.runner import LocalExecutor, SweepConfig, parse_methods, parse_ratios, read_rows, run_sweep
 from kvsqueeze.bench.tasks import parse_tasks
@@ -31,7 +32,9 @@ def test_sweep_rows_then_resume_does_no_model_work(tmp_path):
         assert {"score", "loglik", "kl_gold"} <= set(r["scores"]) and r["seed"] == 0
         assert r["versions"]["torch"] and "git_commit" in r and r["full_bytes"] > 0
         assert r["cache_bytes"] < r["full_bytes"] or r["method"] == "full"
-    assert all(r["scores"]["kl_gold"] == 0.0 for r in rows if r["method"] == "full")
+    # the full row is decoded in a batch, its reference alone: equal up to float32 summation order
+    tolerance = 100 * torch.finfo(torch.float32).eps
+    assert all(abs(r["scores"]["kl_gold"]) <= tolerance for r in rows if r["method"] == "full")
     # a rerun of the finished sweep: nothing to do, the model is never requested
     again = run_sweep(config, TinyProvider(fail_on_load=True), progress=False)
     assert again.rows_written == 0 and again.cells_skipped == 6 and again.model_loads == 0

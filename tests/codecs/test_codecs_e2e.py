@@ -78,10 +78,15 @@ def test_low_bits_change_logits_more_than_high_bits(llama):
     assert errs["int:bits=8"] < errs["int:bits=4"] < errs["int:bits=2"]
 
 
-def test_gemma3_global_layers_quantized():
-    model = tiny_model("gemma3")
+def test_gemma3_global_layers_quantized_and_sliding_layers_bounded_by_the_window():
+    model = tiny_model("gemma3")  # window 8 on layers 0 and 2
     out, cache = _generate(model, "kivi:bits=4,group=8,residual=4", _ids(40, batch=1))
-    assert out.shape[-1] == 64 and all(layer.blocks for layer in _held(cache))
+    assert out.shape[-1] == 64
+    assert all(layer.blocks for layer in _held(cache) if not layer.is_sliding)
+    for layer in _held(cache):
+        if layer.is_sliding:  # blocks that left the window are dropped: window + one flush group + the residual
+            assert int(layer.kept_lengths().max()) <= 8 + 8 + 4
+            assert all(int(b.positions.max()) > layer.seen - 1 - 8 for b in layer.blocks)
 
 
 @pytest.mark.model

@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import QuantizedCache
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.codecs.hf_quant import held_bytes
+from kvsqueeze.core.storage import storage_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import parse_method
 from tests.conftest import tiny_model
@@ -41,8 +41,9 @@ def test_same_logits_and_bytes_as_transformers_quantized_cache(backend, spec, kw
             a = model(chunk, past_key_values=ref).logits
             b = model(chunk, past_key_values=ours).logits
             assert torch.allclose(a, b, atol=1e-5)
-    theirs = sum(held_bytes([x._quantized_keys, x._quantized_values, x.keys, x.values]) for x in ref.layers)
-    assert ours.nbytes() == theirs  # byte for byte what transformers holds
+    theirs = storage_bytes([[x._quantized_keys, x._quantized_values, x.keys, x.values] for x in ref.layers])
+    lengths = sum(8 * b.lengths.numel() for layer in ours.layers for b in layer.blocks)  # our [B, H] bookkeeping
+    assert ours.nbytes() == theirs + lengths  # byte for byte what transformers holds
     assert ours.nbytes() < ours.full_nbytes() / (1.5 if backend == "fp8" else 2)
 
 

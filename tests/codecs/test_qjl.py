@@ -52,7 +52,8 @@ def test_block_stores_signs_and_norms_and_attends_with_the_estimator():
     out2, lse2 = partial_attention(q, mk.view(B, H, L, D), mv.view(B, H, L, D), D**-0.5)
     assert torch.allclose(lse, lse2, atol=1e-4) and torch.allclose(out, out2, atol=1e-4)
     # 1 sign bit per projection + fp16 norm for keys; values at 8 bits + fp16 scale/zero per 16 channels.
-    assert block.nbytes() == B * H * L * (64 // 8 + 2 + D + 2 * 2 * D // 16)
+    # (+ the block's [B, H] int64 lengths)
+    assert block.nbytes() == B * H * L * (64 // 8 + 2 + D + 2 * 2 * D // 16) + B * H * 8
 
 
 def _outlier_keys(n, d, gen):

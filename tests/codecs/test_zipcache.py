@@ -46,6 +46,7 @@ def test_channel_separable_quantization_beats_plain_token_wise_on_outlier_channe
     q = torch.randn(1, 2, 3, 16)
     out, lse = block.attend(q, 0.25)
     from kvsqueeze.core.storage import KVBlock
+
     ref_out, ref_lse = KVBlock.attend(block, q, 0.25)
     assert torch.allclose(out, ref_out, atol=1e-4) and torch.allclose(lse, ref_lse, atol=1e-4)
 

@@ -117,15 +117,24 @@ def test_query_aware_and_agnostic_compress_different_windows(llama):
     assert agnostic.get_seq_length() == 48 and aware.get_seq_length() == 56
 
 
-def test_gemma3_compresses_global_layers_and_keeps_sliding_window():
-    model = tiny_model("gemma3")
+def test_gemma3_compresses_global_and_sliding_layers_within_the_window():
+    model = tiny_model("gemma3")  # sliding window 8 on layers 0 and 2
     cache = CompressedCache(model, "knorm", ratio=0.5)
     with torch.no_grad():
         model.generate(ids_of(40), max_new_tokens=4, past_key_values=cache, do_sample=False, pad_token_id=0)
+    assert all(isinstance(layer, CompressedLayer) for layer in cache.layers)
+    assert [layer.is_sliding for layer in cache.layers] == [True, False, True, False]
+    assert cache.layers[1].kept_lengths().tolist() == [[20 + 3]]
+    # the window's 7 visible prompt tokens, halved, then 3 decoded tokens: never more than the window holds
+    assert cache.layers[0].kept_lengths().tolist() == [[4 + 3]]
+    assert int(cache.layers[0].front_cols.min()) > 40 - 8
+
+
+def test_method_none_keeps_transformers_sliding_window_layers():
+    model = tiny_model("gemma3")
+    cache = CompressedCache(model, "none")
     kinds = [type(layer) for layer in cache.layers]
     assert kinds == [DynamicSlidingWindowLayer, CompressedLayer, DynamicSlidingWindowLayer, CompressedLayer]
-    assert cache.layers[1].kept_lengths().tolist() == [[20 + 3]]
-    assert cache.layers[0].keys.shape[2] <= 8
 
 
 def test_generate_with_every_eviction_method(llama):
@@ -151,8 +160,8 @@ def test_ratio_zero_keeps_everything_and_matches_the_full_cache_exactly(llama):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "snapkv", "ratio": 1.0}, "ratio must be in"),
-        ({"method": "snapkv", "ratio": -0.1}, "ratio must be in"),
+        ({"method": "snapkv", "ratio": 1.0}, "ratio must be a number in"),
+        ({"method": "snapkv", "ratio": -0.1}, "ratio must be a number in"),
         ({"method": "snapkv", "budget": 0}, "budget must be"),
         ({"method": "snapkv", "ratio": 0.5, "budget": 3}, "either ratio or budget"),
         ({"method": "nope"}, "unknown method component 'nope'"),

@@ -101,8 +101,9 @@ def test_generate_and_ragged_memory(tiny_model, method):
     per_token = 2 * 16 * 4  # keys + values, head_dim 16, fp32
     held = 0
     for layer in cache.layers:
-        held += int(layer.kept_lengths().sum()) * per_token
-        assert layer.nbytes() == int(layer.kept_lengths().sum()) * per_token
+        lengths_bytes = 8 * sum(b.lengths.numel() for b in layer.blocks)  # each ragged block's [B, H] int64 lengths
+        held += int(layer.kept_lengths().sum()) * per_token + lengths_bytes
+        assert layer.nbytes() == int(layer.kept_lengths().sum()) * per_token + lengths_bytes
     assert cache.nbytes() == held
     kept_context = sum(int(layer.kept_lengths().sum()) - 2 * 4 for layer in cache.layers)  # minus 4 decoded/head
     assert kept_context == 2 * 2 * 20  # Σ over layers and heads = global budget
@@ -118,4 +119,5 @@ def test_adakv_storage_is_ragged(tiny_model):
     for x in lengths:
         assert int(x.sum()) == 2 * 20  # ceil(48 * 0.4) = 20 per head on average
         block_bytes = sum(b.nbytes() for b in cache.layers[0].blocks)
-    assert block_bytes == tensor_bytes(*(t for b in cache.layers[0].blocks for t in (b.keys, b.values)))
+    payload = tensor_bytes(*(t for b in cache.layers[0].blocks for t in (b.keys, b.values, b.lengths)))
+    assert block_bytes == payload  # kept keys and values, compact, plus each block's [B, H] lengths

@@ -43,4 +43,5 @@ def test_methods_on_smollm2(smollm2, calibration):
         lengths = torch.stack([layer.kept_lengths()[0] for layer in cache.layers])  # [layers, H]
         held_context = int(lengths.sum()) - config.num_hidden_layers * config.num_key_value_heads  # 1 decoded
         assert held_context == config.num_hidden_layers * config.num_key_value_heads * 120, method
-        assert cache.nbytes() == int(lengths.sum()) * per_token, method
+        payload = int(lengths.sum()) * per_token  # kept keys and values; the rest: [B, H] lengths, calibration profiles
+        assert payload <= cache.nbytes() <= payload * 1.005, method

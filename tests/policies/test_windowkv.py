@@ -49,7 +49,7 @@ def test_auto_task_from_attention_concentration(make_ctx):
     assert scorer.task_of(flat[0], body) == "aggregation"
     stub(ctx, flat, w)
     scorer.score(ctx)
-    assert ctx.shared["windowkv"]["tasks"] == ["aggregation"]
+    assert ctx.scratch["windowkv"]["tasks"] == ["aggregation"]
 
 
 def test_intra_group_index_sharing(make_ctx):

@@ -31,7 +31,8 @@ def test_stored_coordinates_have_rank_width_and_bases_are_the_top_singular_vecto
     block = encode("cskv:rank_k=3,rank_v=5", keys, values, ctx)
     assert isinstance(block, CSKVBlock)
     assert block.ck.shape == (B * H * L, 3) and block.cv.shape == (B * H * L, 5)
-    assert block.nbytes() == (B * H * L * (3 + 5) + B * H * D * (3 + 5)) * 4 < 2 * B * H * L * D * 4
+    lengths_bytes = B * H * 8  # the block's [B, H] int64 lengths
+    assert block.nbytes() == (B * H * L * (3 + 5) + B * H * D * (3 + 5)) * 4 + lengths_bytes < 2 * B * H * L * D * 4
     for b in range(B):
         for h in range(H):
             _, _, vh = torch.linalg.svd(keys[b, h], full_matrices=False)
@@ -82,7 +83,8 @@ def test_cskv_through_generate_with_context_bases_and_flushes():
     # 32 encoded at prefill + 8 flushed of the 8 appended (residual 8 stays full precision, one group of 4 pending)
     assert block.lengths.tolist() == [[40, 40]] and layer.keys.shape[2] == 8
     assert block.ck.shape == (80, 4) and block.cv.shape == (80, 6)
-    per_layer = 80 * (4 + 6) * 4 + 2 * 16 * (4 + 6) * 4 + 2 * 2 * 8 * 16 * 4  # coords + bases + fp32 tail
+    # coords + bases + fp32 tail + lengths
+    per_layer = 80 * (4 + 6) * 4 + 2 * 16 * (4 + 6) * 4 + 2 * 2 * 8 * 16 * 4 + 2 * 8
     assert cache.nbytes() == 2 * per_layer < cache.full_nbytes()
     full = model.generate(ids, max_new_tokens=9, do_sample=False)
     lossless = CompressedCache(model, "cskv:rank_k=16,rank_v=16,residual=8,group=4")
@@ -101,4 +103,5 @@ def test_cskv_with_an_offline_basis_file(tmp_path, monkeypatch):
     assert block.ck.shape[-1] == 5 and block.cv.shape[-1] == 7
     data = torch.load(path, weights_only=True)
     assert torch.equal(block.uk[0], data["keys"][1][:, :, :5])  # the calibrated layer basis, not a refit
-    assert block.nbytes() == block.ck.numel() * 4 + block.cv.numel() * 4 + 2 * 16 * (5 + 7) * 4  # basis once
+    basis = 2 * 16 * (5 + 7) * 4  # held once
+    assert block.nbytes() == block.ck.numel() * 4 + block.cv.numel() * 4 + basis + block.lengths.numel() * 8

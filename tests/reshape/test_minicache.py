@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from kvsqueeze import CompressedCache
 from kvsqueeze.codecs.minicache import MiniCacheBlock, angular_distance, merge_states, retained_pairs, slerp
 from kvsqueeze.core.layer import CompressedLayer
-from kvsqueeze.core.storage import DenseBlock
+from kvsqueeze.core.storage import DenseBlock, storage_bytes
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import parse_method
 from tests.conftest import TINY, tiny_model
@@ -108,14 +108,14 @@ def test_pairs_from_the_middle_layer_and_shared_directions_held_once():
         parts = [block.keys, block.values] if isinstance(block, DenseBlock) else []
         tensors = parts if parts else [
             t for s in (block.keys, block.values) for t in (s.exact, s.merged, s.norms, s.direction)]  # fmt: skip
-        tensors += [layer.keys, layer.values]
+        tensors += [layer.keys, layer.values, block.lengths]
         for t in tensors:
             if t is not None and t.numel() and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 unique += t.numel() * t.element_size()
     assert cache.nbytes() == unique
     per_layer_full = l0.nbytes()
-    merged_pair = l2.nbytes() + l3.nbytes()
+    merged_pair = storage_bytes(l2.tensors(), l3.tensors())  # the pair together: shared directions once
     assert merged_pair < 0.6 * 2 * per_layer_full  # about one layer's states + magnitudes + masks for two layers
 
 
@@ -207,7 +207,7 @@ def test_refused_where_layers_cannot_pair():
         CompressedCache(gemma, "minicache:start=0").prefill(gemma, _ids(n=16))
     model = four_layers()
     with pytest.raises(KVSqueezeError, match="prefill schedule"):
-        cache = CompressedCache(model, "snapkv+minicache+interval:every=4,budget=8")
+        cache = CompressedCache(model, "snapkv:window=4+minicache+interval:every=4,budget=8")
         with torch.no_grad():
             model.generate(_ids(n=24), max_new_tokens=4, do_sample=False, past_key_values=cache, pad_token_id=0)
     with pytest.raises(KVSqueezeError, match="gamma"):

@@ -8,6 +8,7 @@ from transformers import StoppingCriteria
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.context import AttentionCall
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.schedules.lazyeviction import fold_activations
 from kvsqueeze.schedules.triattention import rope_inv_freq, to_pre_rope, trig_scores
@@ -85,7 +86,8 @@ def drive(model, spec: str, keys: torch.Tensor, queries: torch.Tensor, prompt: i
     steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, N)]
     for a, b in steps:
         layer.update(keys[:, :, a:b], keys[:, :, a:b])
-        schedule.decode_step(cache, layer, module, queries[:, :, a:b], None, D**-0.5, torch.arange(a, b)[None])
+        call = AttentionCall(module, queries[:, :, a:b], None, D**-0.5, torch.arange(a, b)[None])
+        schedule.after_attention(cache, layer, call)
     return cache
 
 

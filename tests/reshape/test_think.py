@@ -29,7 +29,8 @@ def test_kept_channels_follow_the_query_key_criterion_and_pruned_ones_are_not_st
     block = codec.encode(keys.reshape(-1, D), values.reshape(-1, D), lengths, ctx)
     assert isinstance(block, ThinKBlock)
     assert block.keys.shape == (B * H * L, D // 2)  # half the key channels are gone from storage
-    assert block.nbytes() == (B * H * L * (D // 2) + B * H * L * D) * 4 + block.channels.numel() * 8
+    metadata = block.channels.numel() * 8 + block.lengths.numel() * 8  # kept-channel indices, [B, H] lengths
+    assert block.nbytes() == (B * H * L * (D // 2) + B * H * L * D) * 4 + metadata
     stored = block.keys.view(B, H, L, D // 2)
     for b in range(B):
         for h in range(H):
@@ -67,5 +68,5 @@ def test_think_through_generate_keeps_pruning_appended_tokens():
     block = cache.layers[0].blocks[0]
     assert isinstance(block, ThinKBlock) and block.keys.shape[-1] == 8  # head_dim 16, half pruned
     assert block.lengths.tolist() == [[25, 25]]  # 20 kept at prefill + 5 appended tokens, same channels
-    per_layer = 2 * 25 * (8 + 16) * 4 + 2 * 8 * 8  # kept key channels + full values + channel indices
+    per_layer = 2 * 25 * (8 + 16) * 4 + 2 * 8 * 8 + 2 * 8  # kept key channels + full values + channel indices + lengths
     assert cache.nbytes() == 2 * per_layer < 0.45 * cache.full_nbytes()

@@ -20,6 +20,7 @@ from transformers import Cache
 from kvsqueeze.bench.capture import Decoded
 from kvsqueeze.core import binding
 from kvsqueeze.core.cache import CompressedCache, LayerBinding
+from kvsqueeze.core.layer import CompressedLayer
 
 
 class RowsBinding:
@@ -32,21 +33,27 @@ class RowsBinding:
         outs = []
         for i, (cache, (k, v)) in enumerate(zip(self.caches, self.rows, strict=True)):
             mask = attention_mask
-            if isinstance(mask, torch.Tensor) and mask.shape[0] > 1:
-                mask = mask[i : i + 1]
+            if isinstance(mask, torch.Tensor):
+                mask = mask[i : i + 1] if mask.shape[0] > 1 else mask
+                mask = (
+                    mask[..., -k.shape[-2] :] if not isinstance(cache.layers[self.layer_idx], CompressedLayer) else mask
+                )
             out, _ = LayerBinding(cache, self.layer_idx).attend(inner, module, query[i : i + 1], k, v, mask, **kwargs)
             outs.append(out)
         return torch.cat(outs, dim=0), None
 
 
 class BatchedCaches(Cache):
-    """Row ``i`` of the batch lives in ``caches[i]``; lengths and masks are those of ``caches[0]`` (all equal)."""
+    """Row ``i`` of the batch lives in ``caches[i]``; every row holds the same logical length. Masks are sized by a
+    row whose layers are all kvsqueeze layers (logical lengths); rows with transformers' own sliding-window layers
+    (method ``none``) see the mask's last columns."""
 
     def __init__(self, caches: list[CompressedCache]):
         lengths = {c.get_seq_length() for c in caches}
         if len(lengths) != 1:
             raise ValueError(f"batched caches must hold the same logical length, got {sorted(lengths)}")
-        super().__init__(layers=caches[0].layers)
+        sizer = next((c for c in caches if all(isinstance(x, CompressedLayer) for x in c.layers)), caches[0])
+        super().__init__(layers=sizer.layers)
         self.caches = caches
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

@@ -21,7 +21,7 @@ import torch
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.packing import pack, unpack_float
 from kvsqueeze.codecs.quant import interleave
-from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -43,9 +43,6 @@ class BFPTensor:
         mant = (xs / step).round().clamp(-qmax, qmax)
         codes = (mant + qmax).to(torch.uint8).view(N, D)
         return cls(pack(codes, bits), exps.to(torch.int8), bits, block, D)
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.codes, self.exps)
 
     def dequant(self, dtype=torch.float32) -> torch.Tensor:
         N = self.codes.shape[0]
@@ -70,9 +67,6 @@ class BFPBlock(KVBlock):
     def __init__(self, perm, keys: BFPTensor, values: BFPTensor, lengths: torch.Tensor):
         self.perm, self.keys, self.values, self.lengths = perm, keys, values, lengths.cpu()
         self.dim = keys.dim
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.perm) + self.keys.nbytes() + self.values.nbytes()
 
     def _token_perm(self, counts: list[int]) -> torch.Tensor:
         rep = torch.tensor(counts, device=self.perm.device)

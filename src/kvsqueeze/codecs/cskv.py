@@ -42,7 +42,7 @@ from pydantic import Field
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.core.attention_math import partial_attention
-from kvsqueeze.core.storage import KVBlock, tensor_bytes
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -72,12 +72,6 @@ class CSKVBlock(KVBlock):
 
     def __init__(self, ck, cv, uk, uv, lengths: torch.Tensor):
         self.ck, self.cv, self.uk, self.uv, self.lengths = ck, cv, uk, uv, lengths.cpu()
-
-    def nbytes(self) -> int:
-        shared = self.uk is not None and self.uk.stride(0) == 0  # a file basis expanded over rows: held once
-        if shared:
-            return tensor_bytes(self.ck, self.cv, self.uk[0], self.uv[0])
-        return tensor_bytes(self.ck, self.cv, self.uk, self.uv)
 
     def _per_token(self, u: torch.Tensor) -> torch.Tensor:
         B, H = self.lengths.shape

@@ -17,7 +17,7 @@ import torch
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import interleave
-from kvsqueeze.core.storage import KVBlock, PairBlock, tensor_bytes
+from kvsqueeze.core.storage import KVBlock, PairBlock
 from kvsqueeze.spec import register
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -49,9 +49,6 @@ class FP8Tensor:
         per_token = scale.repeat_interleave(sizes.long().to(x.device))[:, None]
         data = (x.float() / per_token).to(fmt)
         return cls(data, scale[keep.to(scale.device)], sizes[keep], keep.long().tolist())
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.data, self.scale, self.sizes)
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
         n = self.data.shape[0]

@@ -29,7 +29,7 @@ import torch
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, ChannelQ, TokenQ
-from kvsqueeze.core.storage import KVBlock, PairBlock, tensor_bytes
+from kvsqueeze.core.storage import KVBlock, PairBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -75,9 +75,6 @@ class GearTensor:
             A = torch.cat(a_parts).half()
             B = torch.stack(b_parts).half()
         return cls(quant, A, B, out_idx, out_val, sizes)
-
-    def nbytes(self) -> int:
-        return self.quant.nbytes() + tensor_bytes(self.A, self.B, self.out_idx, self.out_val)
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
         x = self.quant.dequant(dtype)

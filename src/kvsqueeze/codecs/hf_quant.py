@@ -40,28 +40,11 @@ def _one_of(*allowed: int):
     return Annotated[int, AfterValidator(check)]
 
 
-def held_bytes(obj) -> int:
-    """Bytes of every tensor inside a backend's quantized object (tensor subclasses, tuples, dicts)."""
-    if isinstance(obj, torch.Tensor):
-        flatten = getattr(obj, "__tensor_flatten__", None)
-        if flatten is not None and type(obj) is not torch.Tensor:
-            return sum(held_bytes(getattr(obj, name)) for name in flatten()[0])
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(held_bytes(x) for x in obj)
-    if isinstance(obj, dict):
-        return sum(held_bytes(x) for x in obj.values())
-    return 0
-
-
 class HFBlock(KVBlock):
     """The backend's quantized keys and values of a ``[B, H, L, D]`` layer (uniform heads)."""
 
     def __init__(self, layer, qkeys, qvalues, lengths: torch.Tensor, dim: int):
         self.layer, self.qkeys, self.qvalues, self.lengths, self.dim = layer, qkeys, qvalues, lengths.cpu(), dim
-
-    def nbytes(self) -> int:
-        return held_bytes(self.qkeys) + held_bytes(self.qvalues)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized ``[B, H, L, D]`` keys and values (transient)."""

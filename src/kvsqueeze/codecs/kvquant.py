@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.packing import pack, unpack
-from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -231,13 +231,6 @@ class KVQuantBlock(KVBlock):
         self.__dict__.update(parts)
         self.lengths = self.lengths.cpu()
 
-    def nbytes(self) -> int:
-        return tensor_bytes(
-            self.kcodes, self.vcodes, self.kmid, self.khalf, self.kscale, self.koff, self.vscale, self.voff,
-            self.k_idx, self.k_val, self.v_idx, self.v_val, self.pos_start, self.pos, self.next_pos,
-            self.kcent, self.vcent,
-        )  # fmt: skip
-
     def positions(self) -> torch.Tensor:
         if self.pos is not None:
             return self.pos.long()
@@ -373,12 +366,9 @@ def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float =
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
-    types = getattr(model.config.get_text_config(), "layer_types", None)
     inv = torch.tensor(inv_freq, dtype=torch.float64)
     layers: dict[str, dict] = {}
     for idx, (k, v) in sorted(grabbed.items()):
-        if types is not None and types[idx] != "full_attention":
-            continue
         _, H, L, D = k.shape
         pos = torch.arange(L).repeat(H)
         kpre = unrope(k.detach()[0].reshape(H * L, D).double(), pos, inv, rope_scaling)

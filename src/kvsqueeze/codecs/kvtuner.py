@@ -56,7 +56,7 @@ def _quantize_layer(cache, layer_idx: int, kbits: int, vbits: int, group: int) -
     B, H, L, D = layer.keys.shape
     lengths = torch.full((B, H), L)
     layer.blocks = [_kivi(layer.keys.reshape(-1, D), layer.values.reshape(-1, D), lengths, kbits, vbits, group)]
-    layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+    layer.keys, layer.values = layer.keys.new_empty(B, H, 0, D), layer.values.new_empty(B, H, 0, D)
     layer.compressions += 1
 
 

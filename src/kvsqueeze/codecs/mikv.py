@@ -47,9 +47,6 @@ class MixedBlock(KVBlock):
         self.lengths = high.lengths + low.lengths
         self.dim = high.dim
 
-    def nbytes(self) -> int:
-        return self.high.nbytes() + self.low.nbytes()
-
     def materialize(self, dtype):
         hk, hv = self.high.materialize(dtype)
         lk, lv = self.low.materialize(dtype)

@@ -20,7 +20,7 @@ How it is wired: ``minicache`` is a codec. Compression runs layer by layer in th
 pair stores its kept tokens exactly and leaves its block in the cache-wide ``ctx.shared`` registry; when the second
 layer is encoded, the pair is merged, the first layer's block is turned (once, in place, before anything attends
 to it) into its view of the shared storage, and the second layer's block is the other view. The shared directions
-are counted in the second layer's ``nbytes`` only, so ``cache.nbytes()`` counts them once.
+are one storage reachable from both layers; ``cache.nbytes()`` counts distinct storages, so they count once.
 
 Composition: with an eviction scorer (``snapkv+minicache``) the two layers may keep different tokens; tokens kept
 by both are merge candidates, tokens kept by one layer only are stored exactly in that layer.
@@ -48,7 +48,7 @@ import torch
 from pydantic import Field
 
 from kvsqueeze.codecs.base import Codec
-from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -106,9 +106,6 @@ class _States:
     def __init__(self, exact: torch.Tensor, merged=None, norms=None, direction=None, owner: bool = False):
         self.exact, self.merged, self.norms, self.direction, self.owner = exact, merged, norms, direction, owner
 
-    def nbytes(self) -> int:
-        return tensor_bytes(self.exact, self.merged, self.norms, self.direction if self.owner else None)
-
     def restore(self, dtype: torch.dtype) -> torch.Tensor:
         if self.merged is None:
             return self.exact.to(dtype)
@@ -127,9 +124,6 @@ class MiniCacheBlock(KVBlock):
     @property
     def paired(self) -> bool:
         return self.keys.merged is not None
-
-    def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes()
 
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys.restore(dtype), self.values.restore(dtype)
@@ -189,6 +183,11 @@ class MiniCache(Codec):
             return DenseBlock(keys.contiguous(), values.contiguous(), lengths)
         if "pos" in ctx.state:
             raise KVSqueezeError("minicache merges layer pairs at prefill only; use it with the prefill schedule")
+        if ctx.sliding_window is not None and self.role(ctx.layer_idx, ctx.num_layers) is not None:
+            raise KVSqueezeError(
+                f"minicache pairs adjacent full-attention layers, but layer {ctx.layer_idx} is a sliding-window "
+                "layer; use another codec for this model"
+            )
         role = self.role(ctx.layer_idx, ctx.num_layers)
         if role is None:
             return DenseBlock(keys.contiguous(), values.contiguous(), lengths)

@@ -30,7 +30,7 @@ import torch
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.packing import pack, unpack_float
 from kvsqueeze.codecs.quant import Bits, TokenQ, interleave
-from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -87,10 +87,6 @@ class QJLBlock(KVBlock):
         signs, norms = _sketch(k, jl_matrix(seed, sketch, D, k.device))
         v = TokenQ.encode(values, value_bits, size)
         return cls(signs, norms, out_idx, out_signs, out_norms, v, lengths, seed, sketch, out_sketch)
-
-    def nbytes(self) -> int:
-        keys = tensor_bytes(self.signs, self.norms, self.out_idx, self.out_signs, self.out_norms)
-        return keys + self.values.nbytes()
 
     @staticmethod
     def _pm(packed: torch.Tensor, m: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pydantic import AfterValidator
 from kvsqueeze.codecs.packing import pack, unpack_float
 from kvsqueeze.core.attention_math import fused_partial_attention
 from kvsqueeze.core.layer import CompressedLayer
-from kvsqueeze.core.storage import KVBlock, tensor_bytes
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.errors import KVSqueezeError
 
 FP16_MAX = 65504.0
@@ -101,9 +101,6 @@ class TokenQ:
     @property
     def tokens(self) -> int:
         return self.codes.shape[0]
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.codes, self.scale, self.zero)
 
     def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N = self.codes.shape[0]
@@ -193,9 +190,6 @@ class ChannelQ:
     def tokens(self) -> int:
         return self.codes.shape[0]
 
-    def nbytes(self) -> int:
-        return tensor_bytes(self.codes, self.scale, self.zero, self.sizes)
-
     def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         c = unpack_float(self.codes, self.bits, self.dim, dtype)
         g = int(self.sizes[0]) if len(self.sizes) else 1
@@ -273,9 +267,6 @@ class QuantBlock(KVBlock):
     def __init__(self, keys: TokenQ | ChannelQ, values: TokenQ | ChannelQ, lengths: torch.Tensor):
         self.keys, self.values, self.lengths = keys, values, lengths.cpu()
         self.dim = keys.dim
-
-    def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes()
 
     def bits_per_element(self) -> float:
         """Bytes held × 8 per stored key/value element, all metadata included."""

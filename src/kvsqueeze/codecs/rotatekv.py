@@ -27,7 +27,7 @@ import torch
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, TokenQ, interleave
 from kvsqueeze.core.attention_math import partial_attention
-from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -69,9 +69,6 @@ class RotateBlock(KVBlock):
     def lengths(self) -> torch.Tensor:
         B, H = self._shape
         return torch.tensor([a + b for a, b in zip(self.sink_counts, self.body_counts, strict=True)]).view(B, H)
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.perm, self.sink_k, self.sink_v) + self.keys.nbytes() + self.values.nbytes()
 
     def bits_per_element(self) -> float:
         return 8.0 * self.nbytes() / (2 * max(sum(self.sink_counts) + sum(self.body_counts), 1) * self.dim)

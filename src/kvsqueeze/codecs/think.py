@@ -23,7 +23,7 @@ from pydantic import Field
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.core.attention_math import partial_attention
-from kvsqueeze.core.storage import KVBlock, tensor_bytes
+from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -50,9 +50,6 @@ class ThinKBlock(KVBlock):
     def __init__(self, keys: torch.Tensor, channels: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
         self.keys, self.channels, self.values, self.lengths = keys, channels, values, lengths.cpu()
         self.head_dim = values.shape[-1]
-
-    def nbytes(self) -> int:
-        return tensor_bytes(self.keys, self.channels, self.values)
 
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys with pruned channels as zeros (so ``q·k`` equals the kept-channel product), values as stored."""

@@ -28,7 +28,7 @@ import torch
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.mikv import MixedBlock
 from kvsqueeze.codecs.quant import Bits, QuantBlock, TokenQ
-from kvsqueeze.core.storage import DenseBlock, KVBlock, tensor_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -39,9 +39,6 @@ class CSTQBlock(QuantBlock):
     def __init__(self, keys: TokenQ, values: TokenQ, lengths: torch.Tensor, chan: torch.Tensor):
         super().__init__(keys, values, lengths)
         self.chan = chan
-
-    def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(self.chan)
 
     def _token_chan(self, dtype) -> torch.Tensor:
         counts = self.lengths.flatten().to(self.chan.device)

@@ -145,8 +145,9 @@ class CompressedCache(Cache):
             raise KVSqueezeError(
                 f"no new tokens for a cache holding {self.get_seq_length()}: the prompt must extend the cached tokens"
             )
-        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        if self.compresses or self.attention_observer is not None:
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if self.compresses or self.attention_observer is not None or getattr(layer, "compressed", False):
             binding.bind(self._bindings[layer_idx])
             if key_states.shape[-2] > 1 and self.compresses:
                 self.track_peak()

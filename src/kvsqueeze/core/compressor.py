@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.context import SCRATCH, LayerContext
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.core.masks import valid_tokens
 from kvsqueeze.errors import KVSqueezeError
@@ -52,6 +52,7 @@ def attention_context(
         keep=tokens_to_keep(valid.sum(-1), ratio, budget),
         state=layer.state,
         shared=shared,
+        sliding_window=layer.sliding_window,
     )
 
 
@@ -68,6 +69,9 @@ def compress(layer: CompressedLayer, ctx: LayerContext, method: Method, scorer: 
     keys, values = ctx.keys, ctx.values
     if scorer is not None:
         protected = scorer.protected(L)
+        if layer.is_sliding:  # a window shorter than what the scorer protects: keep what the window holds
+            ctx.keep = torch.maximum(ctx.keep, torch.clamp(ctx.valid.sum(-1), max=protected))
+            protected = min(protected, int(ctx.valid.sum(-1).min()))
         smallest = int(ctx.keep.min())
         if smallest < protected:
             raise KVSqueezeError(
@@ -87,6 +91,8 @@ def compress(layer: CompressedLayer, ctx: LayerContext, method: Method, scorer: 
         keep = ctx.valid[:, None, :].expand(B, H, L)
     layer.store(keys, values, keep, ctx)
     realign(ctx.state, keep)
+    if ctx.layer_idx == ctx.num_layers - 1:
+        ctx.shared.pop(SCRATCH, None)
     return keep
 
 

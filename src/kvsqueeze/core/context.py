@@ -11,6 +11,8 @@ import torch
 
 from kvsqueeze.errors import KVSqueezeError
 
+SCRATCH = "scratch"  # LayerContext.shared[SCRATCH]: cross-layer state of one pass, dropped after the last layer
+
 
 @dataclass
 class LayerContext:
@@ -29,6 +31,13 @@ class LayerContext:
     shared: dict = field(default_factory=dict)  # cache-wide state (layer allocators that cascade across layers)
     scores: torch.Tensor | None = None  # [B, H, L] the scorer's scores, set by the cache after scoring (codecs read it)
     stored: torch.Tensor | None = None  # [B, H, L] bool: tokens handed to Codec.encode (flat order), set by the cache
+    sliding_window: int | None = None  # the layer's attention window (None: full attention)
+
+    @property
+    def scratch(self) -> dict:
+        """Cross-layer working state of one compression pass over the layers (cascading budgets, index reuse
+        across a layer group): dropped once the last layer is compressed, so the cache never keeps it."""
+        return self.shared.setdefault(SCRATCH, {})
 
     @property
     def groups(self) -> int:

@@ -38,7 +38,12 @@ def walk_tensors(obj, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
         return
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        yield obj
+        flatten = getattr(obj, "__tensor_flatten__", None)
+        if type(obj) is not torch.Tensor and flatten is not None:  # a wrapper subclass (e.g. optimum-quanto's)
+            for name in flatten()[0]:
+                yield from walk_tensors(getattr(obj, name), seen)
+        else:
+            yield obj
     elif isinstance(obj, dict):
         for value in list(obj.values()):
             yield from walk_tensors(value, seen)

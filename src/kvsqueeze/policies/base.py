@@ -85,7 +85,7 @@ def prefill_memo(ctx: LayerContext, name: str, fn: Callable[[], torch.Tensor]) -
     memo = ctx.shared.get(PREFILL_MEMO)
     if memo is None:
         return fn()
-    key = (name, ctx.layer_idx, id(ctx.queries), id(ctx.keys), ctx.length)
+    key = (name, ctx.layer_idx, id(ctx.queries), ctx.length)  # the captured queries identify the prefill
     if key not in memo:
         memo[key] = fn()
     return memo[key]

@@ -12,8 +12,9 @@ From the attention ``A [w, L]`` of the last ``window`` queries (per head, then a
 Cascading: the paper meets the memory bound *during* prefill by re-slicing all layers seen so far each time a
 new layer arrives (earlier layers are evicted further), so the final budgets are exactly proportional to the
 preferences. kvsqueeze compresses each layer once, as it is produced, and cannot shrink it later, so the
-cascade is online (cache-wide state in ``ctx.shared``): layer ``l`` receives the share of the *remaining*
-budget that its preference claims against the layers still to come, whose preferences are estimated by the
+cascade is online (cross-layer state in ``ctx.scratch``, dropped after the last layer): layer ``l`` receives
+the share of the *remaining* budget that its preference claims against the layers still to come, whose
+preferences are estimated by the
 mean preference seen so far — ``B_l = R · P_l / (P_l + (m−1−l) · mean(P_0..P_l))`` — and the last layer takes
 what remains. Deviations: that online approximation of the final proportional split (the total is exact, the
 split approximates the paper's); budgets are clamped to ``[protected+1, n]`` per layer while keeping the rest
@@ -89,7 +90,7 @@ class CAKE(Scorer):
         pref = ctx.state.pop("cake_preference", None)
         if pref is None:
             pref = layer_preference(self._attention(ctx), self.tau1, self.tau2)
-        shared = ctx.shared.setdefault("cake", {"last": -1})
+        shared = ctx.scratch.setdefault("cake", {"last": -1})
         if ctx.layer_idx <= shared["last"]:  # a new prefill: start the cascade again
             shared.clear()
             shared["last"] = -1

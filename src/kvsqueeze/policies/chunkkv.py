@@ -56,7 +56,7 @@ class ChunkKV(Scorer):
         return min(self.window, length)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        shared = ctx.shared.setdefault("chunkkv", {})
+        shared = ctx.scratch.setdefault("chunkkv", {})
         anchor = ctx.layer_idx - ctx.layer_idx % self.reuse
         if self.reuse > 1 and ctx.layer_idx != anchor and shared.get("anchor") == anchor:
             return shared["scores"]

@@ -77,7 +77,7 @@ class CompressKV(Scorer):
         return min(self.window, length)
 
     def _calibration(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = ctx.state.get("compresskv")
+        cached = ctx.shared.get("compresskv_calibration")  # one copy per cache
         if cached is None:
             data = load_head_scores(self.heads)
             if "semantic" not in data or "prefix_curves" not in data:
@@ -89,7 +89,7 @@ class CompressKV(Scorer):
                     f"head calibration is for {tuple(semantic.shape)} (layers, KV heads) but the model has "
                     f"({ctx.num_layers}, {ctx.keys.shape[1]}); calibrate this model"
                 )
-            cached = ctx.state["compresskv"] = (semantic, curves)
+            cached = ctx.shared["compresskv_calibration"] = (semantic, curves)
         return cached
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
@@ -108,7 +108,7 @@ class CompressKV(Scorer):
         B, H, _ = scores.shape
         n_real = ctx.valid.sum(-1).tolist()
         out = torch.empty(B, H, dtype=torch.long, device=scores.device)
-        memo = ctx.shared.setdefault("compresskv", {})
+        memo = ctx.scratch.setdefault("compresskv", {})
         for b in range(B):
             k, n = int(keep_per_head[b]), int(n_real[b])
             p = min(self.window, n, k)

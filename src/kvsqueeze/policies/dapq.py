@@ -83,9 +83,9 @@ class DapQ(Scorer):
         config = ctx.shared.get("config")
         if config is None:
             raise KVSqueezeError("dapq needs the model's RoPE settings: use it through CompressedCache(model, 'dapq')")
-        inv_freq = ctx.state.get("dapq_inv_freq")
+        inv_freq = ctx.shared.get("dapq_inv_freq")  # one copy per cache
         if inv_freq is None:
-            inv_freq = ctx.state["dapq_inv_freq"] = rope_frequencies(config, q.shape[-1])
+            inv_freq = ctx.shared["dapq_inv_freq"] = rope_frequencies(config, q.shape[-1])
         return shift_rope(q[:, :, -w:], w + self.offset, inv_freq)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

@@ -107,7 +107,7 @@ class LayerDefensiveKV(DefensiveKV):
     paper = "Taming the Fragility of KV Cache Eviction in LLM Inference (Layer-DefensiveKV)"
 
     def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        shared = ctx.shared.setdefault("layer_defensivekv", {"last": -1})
+        shared = ctx.scratch.setdefault("layer_defensivekv", {"last": -1})
         if ctx.layer_idx <= shared["last"]:
             shared.clear()
             shared["last"] = -1

@@ -88,7 +88,7 @@ class PrefixKVBudget(Budget):
     iters: int = Field(40, ge=1)
 
     def allocate(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        curves = ctx.state.get("prefix_curves")
+        curves = ctx.shared.get("prefix_curves")  # one copy per cache, read by every layer
         if curves is None:
             data = load_head_scores(self.profile)
             if "prefix_curves" not in data:
@@ -99,7 +99,7 @@ class PrefixKVBudget(Budget):
                     f"PrefixKV profile has {curves.shape[0]} layers but the model has {ctx.num_layers}; "
                     "calibrate this model"
                 )
-            ctx.state["prefix_curves"] = curves
+            ctx.shared["prefix_curves"] = curves
         B, H, _ = scores.shape
         prot = protected_count(scores.masked_fill(~ctx.valid[:, None, :], 0.0))
         n_real = ctx.valid.sum(-1)
@@ -107,7 +107,7 @@ class PrefixKVBudget(Budget):
         for b in range(B):
             k, n = int(keep_per_head[b]), int(n_real[b])
             p = min(int(prot[b]), k)
-            memo = ctx.shared.setdefault("prefixkv", {})  # the same search serves every layer of a prefill
+            memo = ctx.scratch.setdefault("prefixkv", {})  # the same search serves every layer of a prefill
             key = (k, n, p, id(curves))
             if key not in memo:
                 memo[key] = prefix_sizes(curves, k - p, n - p, self.iters)

@@ -80,7 +80,7 @@ class RazorAttention(Scorer):
         return min(self.sinks, length)
 
     def _heads(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = ctx.state.get("razor_heads")
+        cached = ctx.shared.get("razor_heads")  # one copy per cache
         if cached is None:
             data = load_head_scores(self.heads)
             mask, rank = retrieval_heads(data, self.induction, self.echo)
@@ -89,7 +89,7 @@ class RazorAttention(Scorer):
                     f"head calibration {self.heads or 'embedded'!r} is for {tuple(mask.shape)} (layers, KV heads) "
                     f"but the model has ({ctx.num_layers}, {ctx.keys.shape[1]}); calibrate this model"
                 )
-            cached = ctx.state["razor_heads"] = (mask, rank)
+            cached = ctx.shared["razor_heads"] = (mask, rank)
         return cached
 
     def _plan(self, ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:

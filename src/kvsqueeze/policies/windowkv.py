@@ -70,7 +70,7 @@ class WindowKV(Scorer):
         return "localization" if concentrated else "aggregation"
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        shared = ctx.shared.setdefault("windowkv", {})
+        shared = ctx.scratch.setdefault("windowkv", {})
         anchor = ctx.layer_idx - ctx.layer_idx % self.group
         same_shape = shared.get("scores") is not None and shared["scores"].shape == (*ctx.keys.shape[:2], ctx.length)
         if self.group > 1 and ctx.layer_idx != anchor and shared.get("anchor") == anchor and same_shape:

@@ -195,6 +195,8 @@ class DecodingSchedule(Schedule):
             positions=layer.state["pos"][:, 0],
             keep=tokens_to_keep(valid.sum(-1), None, budget),
             state=layer.state,
+            shared=cache.shared_state,
+            sliding_window=layer.sliding_window,
         )
         scorer = RecentProtected(self.scorer(cache), self.protected_recent())
         keep = compress(layer, ctx, cache.method, scorer=scorer)
