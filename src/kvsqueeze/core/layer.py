@@ -286,7 +286,7 @@ class CompressedLayer(CacheLayerMixin):
             q_cols = torch.arange(first_col, self.seen, device=device)
             front = self.front_cols[:, :, None, :] > (q_cols - self.sliding_window)[None, None, :, None]
         if not self.blocks and sinks is None and softcap is None:
-            mask = self._tail_mask(recent, front, B, H, M, n_front, device)
+            mask = self._tail_mask(recent, front, M, n_front, n_recent, device)
             if mask is not None and mask.shape[1] == H and G > 1:
                 mask = mask.repeat_interleave(G, dim=1)
             out = F.scaled_dot_product_attention(
@@ -296,7 +296,7 @@ class CompressedLayer(CacheLayerMixin):
         grouped = query.reshape(B, H, G * M, D)
         parts = [self._block_partial(block, grouped, scaling, softcap, first_col, M) for block in self.blocks]
         if self.keys.shape[-2]:
-            mask = self._tail_mask(recent, front, B, H, M, n_front, device)
+            mask = self._tail_mask(recent, front, M, n_front, n_recent, device)
             if mask is None and softcap is None:
                 parts.append(fused_partial_attention(grouped, self.keys, self.values, scaling))
             else:
@@ -308,12 +308,12 @@ class CompressedLayer(CacheLayerMixin):
         return merge_partials(parts).view(B, Hq, M, -1).transpose(1, 2)
 
     @staticmethod
-    def _tail_mask(recent, front, B: int, H: int, M: int, n_front: int, device) -> torch.Tensor | None:
+    def _tail_mask(recent, front, M: int, n_front: int, n_recent: int, device) -> torch.Tensor | None:
         """Boolean mask of the queries over the tail ``[B|1, H|1, M, T]`` (None = every tail token visible)."""
         if recent is None and front is None:
             return None
         if recent is None:
-            recent = torch.ones(1, 1, M, 0, dtype=torch.bool, device=device)
+            recent = torch.ones(1, 1, M, n_recent, dtype=torch.bool, device=device)
         if front is None:
             front = torch.ones(*recent.shape[:-1], n_front, dtype=torch.bool, device=device)
         else:
