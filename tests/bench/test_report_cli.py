@@ -50,15 +50,19 @@ def test_report_tables_and_plots(fixture_run):
     with (fixture_run / "summary.csv").open() as fh:
         summary = {(r["task"], r["method"], r["ratio"], r["metric"]): r for r in csv.DictReader(fh)}
     s = summary[("niah", "snapkv", "0.5", "score")]
-    assert int(s["n"]) == 3 and float(s["mean"]) == pytest.approx(2 / 3)
-    assert float(s["ci95"]) == pytest.approx(4.303 * (1 / 3) ** 0.5 / 3**0.5, rel=1e-3)  # sd of [1,0,1] = 0.577
+    assert int(s["n"]) == 3 and float(s["mean"]) == pytest.approx(2 / 3) and s["interval"] == "wilson"
+    assert (float(s["ci_low"]), float(s["ci_high"])) == pytest.approx((0.2077, 0.9385), abs=1e-3)  # Wilson, 2 of 3
+    t = summary[("niah", "snapkv", "0.5", "compression_seconds")]
+    assert t["interval"] == "t" and float(t["ci_low"]) == pytest.approx(0.1) and float(t["ci_high"]) == pytest.approx(0.1)
+    ratio_to_self = summary[("speed", "full", "", "prefill_vs_full")]  # 1.0 every time, but no success count
+    assert ratio_to_self["interval"] == "t" and float(ratio_to_self["ci_low"]) == pytest.approx(1.0)
     assert float(summary[("niah", "kivi", "", "cache_fraction")]["mean"]) == pytest.approx(0.3)
     assert float(summary[("speed", "snapkv", "0.5", "prefill_vs_full")]["mean"]) == pytest.approx(1.1)
     assert float(summary[("speed", "snapkv", "0.5", "bytes_vs_full")]["mean"]) == pytest.approx(0.5)
     md = (fixture_run / "summary.md").read_text()
-    assert "| snapkv | 0.667 ± 1.434 | 0.000 ± 0.000 |  |" in md
-    assert "| kivi |  |  | 1.000 ± 0.000 |" in md
-    assert "h2o@0.5: RuntimeError: boom" in md and "speed vs. the full cache" in md
+    assert "| snapkv | 0.667 [0.208, 0.939] | 0.000 [0.000, 0.561] |  |" in md
+    assert "| kivi |  |  | 1.000 [0.439, 1.000] |" in md
+    assert "| niah | h2o | 0.5 | 1 | RuntimeError: boom |" in md and "speed vs. the full cache" in md
 
 
 @pytest.fixture
