@@ -100,7 +100,8 @@ def is_proportion(task: str, metric: str) -> bool:
     """Whether ``metric`` of ``task`` is a success/failure outcome per sample (an answer found or not), so that a
     binomial (Wilson) interval applies when every value is 0 or 1. Perplexity, KL, agreement fractions, bytes and
     timings are continuous, even when they happen to be 0 or 1 (the full cache's KL, a ratio to itself)."""
-    return task not in LOWER_IS_BETTER and task not in SCORE_LABELS and re.fullmatch(r"score|turn\d+", metric) is not None
+    continuous_task = task in LOWER_IS_BETTER or task in SCORE_LABELS
+    return not continuous_task and re.fullmatch(r"score|turn\d+", metric) is not None
 
 
 def _order(key: tuple) -> tuple:
@@ -424,11 +425,11 @@ def render(out_dir: str | Path, warn: Callable[[str], None] | None = None) -> li
     notes = [scan.summary()] if scan.skipped else []
     if superseded:
         notes.append(f"{superseded} duplicate row(s) of the same cells ignored (the last row of each cell counts)")
-    if warn is not None and notes:
-        warn(f"{path}: " + "; ".join(notes))
     if not all_rows:
         detail = f" ({scan.summary()})" if scan.skipped else ""
         raise KVSqueezeError(f"{path} holds no result rows{detail}; run `kvsqueeze bench --out {out}`")
+    if warn is not None and notes:
+        warn(f"{path}: " + "; ".join(notes))
     rows = [r for r in all_rows if r.get("status") == "ok"]
     summary = summarize(rows)
     written = [out / "summary.csv", out / "summary.md"]
