@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from transformers import LlamaConfig
 
 from kvsqueeze.models import check_context_fits

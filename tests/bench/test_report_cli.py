@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from kvsqueeze.bench.cli import add_commands
 from kvsqueeze.bench.report import render
+from kvsqueeze.errors import KVSqueezeError
 
 
 def _row(task, sample, method, ratio, score, nbytes, depth=0.5, length=2048, **extra):
@@ -115,7 +116,7 @@ def test_report_command(cli, fixture_run, tmp_path):
 
 def _tables(md: str) -> list[list[str]]:
     tables, current = [], []
-    for line in md.splitlines() + [""]:
+    for line in [*md.splitlines(), ""]:
         if line.startswith("|"):
             current.append(line)
         elif current:
@@ -212,3 +213,87 @@ def test_pareto_lines_have_distinct_markers_and_speed_plot_has_a_one_off_bar(tmp
     widths = dict(zip(labels, [bar.get_width() for bar in compression.patches], strict=True))
     assert widths["a (one-off scoring)"] == pytest.approx(0.4)
     assert widths["a@0.25"] == pytest.approx(0.1)  # its own selection work: 0.5 s measured minus the one-off 0.4 s
+
+
+def test_bench_out_that_is_a_file_or_not_writable(cli, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    for out, message in [(taken, "is an existing file; give a directory"), (taken / "sub", "cannot write to --out")]:
+        result = CliRunner().invoke(cli, ["bench", "--out", str(out), "--methods", "knorm"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_out_read_only_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from kvsqueeze.bench.runner import prepare_out
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)  # what a read-only directory does for a non-root user
+    with pytest.raises(KVSqueezeError, match=r"cannot write to --out .*: Permission denied; choose a writable"):
+        prepare_out(tmp_path / "ro")
+
+
+def test_report_into_a_read_only_directory(fixture_run, monkeypatch):
+    from pathlib import Path
+
+    real_open = Path.open
+
+    def refuse_writes(self, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_writes)
+    with pytest.raises(KVSqueezeError, match="cannot write the report into"):
+        render(fixture_run)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"context": "Café crème", "question": "q", "answer": "a"}\n'.encode("latin-1"), "d.jsonl:1: not UTF-8"),
+        (b"[" * 100_000 + b"\n", "nested too deeply"),
+    ],
+)
+def test_bench_file_dataset_encoding_and_nesting(cli, tmp_path, content, message):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content)
+    result = CliRunner().invoke(cli, ["bench", "--task", f"file:{data}", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_file_dataset_that_is_a_directory(cli, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--task", f"file:{tmp_path}", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "is a directory; give --task file:PATH.jsonl" in result.output
+
+
+def test_bench_quiets_the_hub_client():
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    from kvsqueeze.bench.cli import _quiet
+
+    _quiet()  # an unreachable Hub id then prints one error line, not a warning per retry
+    assert hub_logging.get_logger().getEffectiveLevel() >= logging.ERROR
+
+
+def test_bench_on_a_non_causal_model_directory(cli, tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=8, d_ff=64, vocab_size=64).save_pretrained(tmp_path / "t5")
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tmp_path / "t5"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "not a causal (decoder-only) language model" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.model
+def test_bench_context_length_beyond_the_model(cli, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--context-length", "100000", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "allows at most 8192" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
