@@ -16,9 +16,10 @@ from kvsqueeze.bench.tasks import jsonl, parse_tasks
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import Method, parse_method, registry
 
-FUZZ = settings(max_examples=int(os.environ.get("KVSQUEEZE_FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = int(os.environ.get("KVSQUEEZE_FUZZ_EXAMPLES", "300"))  # more for a deeper run
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMES = sorted(registry())
-PARAM_NAMES = sorted({p for r in registry().values() for p in r.cls.model_fields}) + ["x", ""]
+PARAM_NAMES = [*sorted({p for r in registry().values() for p in r.cls.model_fields}), "x", ""]
 VALUES = st.one_of(
     st.integers(-(10**30), 10**30).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
@@ -80,11 +81,10 @@ ROW = st.fixed_dictionaries(
         "max_new_tokens": JSON_VALUE | st.integers(-5, 10**20),
     },
 )
-LINES = st.lists(
-    st.one_of(ROW.map(lambda r: json.dumps(r).encode()), JSON_VALUE.map(lambda v: json.dumps(v).encode()),
-              st.binary(max_size=40)),  # fmt: skip
-    max_size=5,
-).map(b"\n".join)
+LINE = st.one_of(
+    ROW.map(lambda r: json.dumps(r).encode()), JSON_VALUE.map(lambda v: json.dumps(v).encode()), st.binary(max_size=40)
+)
+LINES = st.lists(LINE, max_size=5).map(b"\n".join)
 
 
 @FUZZ
