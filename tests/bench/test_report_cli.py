@@ -289,11 +289,11 @@ def test_bench_on_a_non_causal_model_directory(cli, tmp_path):
     T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=8, d_ff=64, vocab_size=64).save_pretrained(tmp_path / "t5")
     result = CliRunner().invoke(cli, ["bench", "--model", str(tmp_path / "t5"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not a causal (decoder-only) language model" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 @pytest.mark.model
 def test_bench_context_length_beyond_the_model(cli, tmp_path):
     result = CliRunner().invoke(cli, ["bench", "--context-length", "100000", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "allows at most 8192" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

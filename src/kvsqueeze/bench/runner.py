@@ -598,6 +598,7 @@ def run_sweep(
     receives one-line notes (a repaired torn line, skipped malformed rows)."""
     provider = provider or ModelProvider(config.model, config.dtype)
     executor = executor or LocalExecutor()
+    check_lengths(config, provider)  # a wrong model or an impossible length: refused before --out is touched
     prepare_out(config.out)
     with run_lock(config.out):
         return _locked_sweep(config, provider, executor, progress, render, warn)
@@ -621,7 +622,6 @@ def _locked_sweep(config: SweepConfig, provider, executor, progress: bool, rende
         warn(f"{path}: the torn last line of an interrupted sweep was repaired")
     existing = read_rows(path)
     check_same_configuration(config, existing)
-    check_lengths(config, provider)
     finished = {r["key"] for r in existing if isinstance(r.get("key"), str)}
     jobs, skipped = plan(config, provider.tokenizer, finished, provider)
     total = sum(len(j.cells) for j in jobs)
