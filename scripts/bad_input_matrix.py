@@ -97,13 +97,31 @@ def make_files(root: Path) -> None:
     (root / "ctx.txt").write_text("Alice keeps her spare key under the blue flower pot next to the door. " * 10)
     t5 = root / "t5"
     t5.mkdir()
-    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
-                                                "d_model": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8,
-                                                "d_ff": 64, "vocab_size": 64}))  # fmt: skip
+    (t5 / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "t5",
+                "architectures": ["T5ForConditionalGeneration"],
+                "d_model": 32,
+                "num_layers": 1,
+                "num_heads": 2,
+                "d_kv": 8,
+                "d_ff": 64,
+                "vocab_size": 64,
+            }
+        )
+    )
     (root / "heads_corrupt.json").write_text('{"echo": [[0.1, 0.2], [0.3')
     ctx = "The quick brown fox jumps over the lazy dog. " * 30
-    lines = [{"context": ctx + f" The code word is {w}.", "question": "What is the code word?", "answer": w,
-              "max_new_tokens": 6} for w in ("apple", "river")]  # fmt: skip
+    lines = [
+        {
+            "context": ctx + f" The code word is {w}.",
+            "question": "What is the code word?",
+            "answer": w,
+            "max_new_tokens": 6,
+        }
+        for w in ("apple", "river")
+    ]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (root / "latin1.jsonl").write_bytes(
         (json.dumps({"context": "x", "question": "q", "answer": "a"})[:-1] + ', "note": "café"}\n').encode("latin-1")
@@ -208,19 +226,41 @@ def cases(root: Path) -> list[Case]:
         Case("generate --context-file latin1.txt", [*gen, "--context-file", str(root / "latin1.txt")]),
         Case("generate --context-file binary.png", [*gen, "--context-file", str(root / "binary.png")]),
         Case("generate --question ''", ["generate", "--question", "", "--context", "Some text."]),
-        Case("generate --method none --ratio 0.5", ["generate", "--question", "q?", "--context", "Some text.",
-                                                    "--method", "none", "--ratio", "0.5"]),  # fmt: skip
-        Case("generate --method kivi --budget 10", ["generate", "--question", "q?", "--context", "Some text.",
-                                                    "--method", "kivi", "--budget", "10"]),  # fmt: skip
+        Case(
+            "generate --method none --ratio 0.5",
+            ["generate", "--question", "q?", "--context", "Some text.", "--method", "none", "--ratio", "0.5"],
+        ),
+        Case(
+            "generate --method kivi --budget 10",
+            ["generate", "--question", "q?", "--context", "Some text.", "--method", "kivi", "--budget", "10"],
+        ),
         Case("generate --model DIR (T5)", [*gen, "--context", "Some text.", "--model", str(root / "t5")]),
-        Case("generate --model corrupt.gguf", [*gen, "--context", "Some text.", "--model", str(root / "corrupt.gguf")],
-             check=check_stale_lock),  # fmt: skip
+        Case(
+            "generate --model corrupt.gguf",
+            [*gen, "--context", "Some text.", "--model", str(root / "corrupt.gguf")],
+            check=check_stale_lock,
+        ),
         Case("generate --context-file 20MB", [*gen, "--context-file", str(root / "huge.txt")], timeout=300),
-        Case("generate --model offline Hub id", [*gen, "--context", "Some text.", "--model", "someorg/no-such-model"],
-             check=check_offline),  # fmt: skip
-        Case("generate heads calibration JSON corrupt",
-             [*gen[:-2], "--method", f"razorattention:heads={root / 'heads_corrupt.json'}", "--context-file",
-              str(root / "ctx.txt"), "--ratio", "0.5", "--max-new-tokens", "2"], slow=True),  # fmt: skip
+        Case(
+            "generate --model offline Hub id",
+            [*gen, "--context", "Some text.", "--model", "someorg/no-such-model"],
+            check=check_offline,
+        ),
+        Case(
+            "generate heads calibration JSON corrupt",
+            [
+                *gen[:-2],
+                "--method",
+                f"razorattention:heads={root / 'heads_corrupt.json'}",
+                "--context-file",
+                str(root / "ctx.txt"),
+                "--ratio",
+                "0.5",
+                "--max-new-tokens",
+                "2",
+            ],
+            slow=True,
+        ),
         Case("bench --out an existing file", ["bench", "--methods", "knorm", "--out", str(root / "afile")]),
         Case("bench --out under a file", ["bench", "--methods", "knorm", "--out", str(root / "afile" / "x")]),
         Case("bench --task file:latin1.jsonl", ["bench", "--task", f"file:{root / 'latin1.jsonl'}", *out]),
@@ -232,21 +272,35 @@ def cases(root: Path) -> list[Case]:
         Case("report: a JSON array line", ["report", str(root / "reports" / "array")]),
         Case("report: a row without method", ["report", str(root / "reports" / "no_method")]),
         Case("report: binary content", ["report", str(root / "reports" / "binary")]),
-        Case("calibrate heads --model DIR (T5)", ["calibrate", "heads", "--model", str(root / "t5"), "--out",
-                                                  str(root / "h.json")]),  # fmt: skip
+        Case(
+            "calibrate heads --model DIR (T5)",
+            ["calibrate", "heads", "--model", str(root / "t5"), "--out", str(root / "h.json")],
+        ),
         Case("calibrate heads --out DIR", ["calibrate", "heads", "--out", str(root)]),
-        Case("calibrate heads --model corrupt.gguf", ["calibrate", "heads", "--model", str(root / "corrupt.gguf"),
-                                                      "--out", str(root / "h.json")], check=check_stale_lock),  # fmt: skip
+        Case(
+            "calibrate heads --model corrupt.gguf",
+            ["calibrate", "heads", "--model", str(root / "corrupt.gguf"), "--out", str(root / "h.json")],
+            check=check_stale_lock,
+        ),
         Case("two sweeps on one --out at once", ["<concurrent>"], check=check_concurrent, slow=True, timeout=600),
-        Case("resume after editing a file: dataset", ["<resume_after_edit>"], check=check_resume_after_edit,
-             slow=True, timeout=600),  # fmt: skip
+        Case(
+            "resume after editing a file: dataset",
+            ["<resume_after_edit>"],
+            check=check_resume_after_edit,
+            slow=True,
+            timeout=600,
+        ),
         Case("torn last line, then resume", ["<torn_line>"], check=check_torn, slow=True, timeout=600),
         Case("report of duplicated rows", ["<report_duplicates>"], check=check_duplicates, slow=True),
     ]
 
 
-SPECIAL = {"<concurrent>": concurrent_sweeps, "<resume_after_edit>": resume_after_edit, "<torn_line>": torn_line,
-           "<report_duplicates>": report_duplicates}  # fmt: skip
+SPECIAL = {
+    "<concurrent>": concurrent_sweeps,
+    "<resume_after_edit>": resume_after_edit,
+    "<torn_line>": torn_line,
+    "<report_duplicates>": report_duplicates,
+}
 
 
 def main() -> None:
