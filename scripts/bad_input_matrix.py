@@ -276,8 +276,14 @@ def cases(root: Path) -> list[Case]:
             "calibrate heads --model DIR (T5)",
             ["calibrate", "heads", "--model", str(root / "t5"), "--out", str(root / "h.json")],
         ),
-        Case("calibrate kvtuner --model DIR (T5)", ["calibrate", "kvtuner", "--model", str(root / "t5")]),
-        Case("calibrate kvquant --model DIR (T5)", ["calibrate", "kvquant", "--model", str(root / "t5")]),
+        Case(
+            "calibrate kvtuner --model DIR (T5)",
+            ["calibrate", "kvtuner", "--model", str(root / "t5"), "--out", str(root / "kvtuner.json")],
+        ),
+        Case(
+            "calibrate kvquant --model DIR (T5)",
+            ["calibrate", "kvquant", "--model", str(root / "t5"), "--out", str(root / "kvquant.json")],
+        ),
         Case("calibrate heads --out DIR", ["calibrate", "heads", "--out", str(root)]),
         Case(
             "calibrate heads --model corrupt.gguf",
