@@ -382,7 +382,7 @@ def _speed_plot(plt, rows: list[dict], summary: list[dict], path: Path) -> Path 
         ax.barh(range(len(labels)), vals, color=colors)
         ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels), fontsize=7)
         ax.set_title(name, fontsize=9)
-        ax.invert_yaxis()
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # same rows on every panel (a missing value draws no bar), top down
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
