@@ -81,9 +81,7 @@ def _read_context(context: str | None, context_file: Path | None) -> str:
     if context is not None and context_file is not None:
         raise KVSqueezeError("give --context or --context-file, not both")
     if context_file is not None:
-        if not context_file.is_file():
-            raise KVSqueezeError(f"context file not found: {context_file}")
-        text = context_file.read_text(encoding="utf-8", errors="replace")
+        text = _read_text_file(context_file)
     elif context is not None:
         text = context
     else:
@@ -91,6 +89,45 @@ def _read_context(context: str | None, context_file: Path | None) -> str:
     if not text.strip():
         raise KVSqueezeError("the context is empty; pass a non-empty --context or --context-file")
     return text
+
+
+def _read_text_file(path: Path) -> str:
+    """A UTF-8 text file; a directory, a binary file or another encoding is refused in one line (decoding it with
+    replacement characters would silently feed the model garbage)."""
+    if path.is_dir():
+        raise KVSqueezeError(f"--context-file {path} is a directory; give a text file")
+    if not path.is_file():
+        raise KVSqueezeError(f"context file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot read --context-file {path}: {exc.strerror or exc}") from None
+    if b"\x00" in data:
+        raise KVSqueezeError(f"--context-file {path} looks binary (it holds NUL bytes); give a UTF-8 text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise KVSqueezeError(
+            f"--context-file {path} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); convert it, "
+            f"e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}`"
+        ) from None
+
+
+FIT_FIX = "use a shorter context or fewer --max-new-tokens"
+
+
+def _refuse_huge_text(tokenizer, config, text: str) -> None:
+    """A context far beyond the model's positions is refused after tokenizing a prefix only (tokenizing megabytes
+    to learn that they are too many takes long)."""
+    from kvsqueeze.models import max_positions
+
+    limit = max_positions(config)
+    if limit is not None and len(text) > 8 * limit:
+        head = len(tokenizer(text[: 8 * (limit + 1)], add_special_tokens=False).input_ids)
+        if head > limit:
+            raise KVSqueezeError(
+                f"the context has more than {head} tokens but the model allows at most {limit} positions; {FIT_FIX}"
+            )
 
 
 @app.command()
@@ -110,10 +147,13 @@ def generate(
     """Answer a question about a context with a compressed cache."""
     with user_errors():
         from kvsqueeze.core.cache import CompressedCache
-        from kvsqueeze.models import load_model, parse_dtype
+        from kvsqueeze.models import check_context_fits, load_config, load_model, load_tokenizer, parse_dtype
         from kvsqueeze.pipeline import answer, build_prompt
         from kvsqueeze.spec import parse_method
+        from kvsqueeze.validation import validate_budget
 
+        if not question.strip():
+            raise KVSqueezeError("the question is empty; pass a non-empty --question")
         text = _read_context(context, context_file)
         spec = parse_method(method)
         parse_dtype(dtype)
@@ -123,10 +163,18 @@ def generate(
             raise KVSqueezeError(f"--ratio must be in [0, 1) (fraction of tokens removed), got {ratio}")
         if budget is not None and budget < 1:
             raise KVSqueezeError(f"--budget must be >= 1, got {budget}")
+        ratio, budget = validate_budget(ratio, budget, spec)  # a ratio or budget the method never applies: refused
         _quiet_transformers()
-        with err.status("loading model…"):
-            lm, tokenizer = load_model(model, dtype=dtype)
+        with err.status("reading the model's config and tokenizer…"):
+            config = load_config(model)
+            tokenizer = load_tokenizer(model)
+        _refuse_huge_text(tokenizer, config, text)
         context_ids, question_ids = build_prompt(tokenizer, text, question)
+        n_prompt = context_ids.shape[-1] + question_ids.shape[-1]
+        needed = n_prompt + max_new_tokens
+        check_context_fits(config, needed, dtype, what="the prompt plus --max-new-tokens", fix=FIT_FIX)
+        with err.status("loading model…"):
+            lm, tokenizer = load_model(model, dtype=dtype, tokenizer=tokenizer)
         n_compressed = context_ids.shape[-1] + (question_ids.shape[-1] if query_aware else 0)
         if budget is not None and budget >= n_compressed:
             err.print(f"[yellow]warning:[/yellow] --budget {budget} >= {n_compressed} prompt tokens: no compression")

@@ -6,8 +6,10 @@ so the first load converts it once to a safetensors copy under the user cache di
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,28 +58,47 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint once and save it as a plain safetensors model directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # gguf raises anything from struct.error to KeyError on a damaged file
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise KVSqueezeError(
+            f"cannot read {gguf} as a GGUF causal LM ({type(exc).__name__}: {first}); "
+            "check or re-download the file, or pass a model directory"
+        ) from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=False)
     plain.tie_weights()
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():  # another process finished the same conversion first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _converted(gguf: Path, target: Path) -> Path:
-    """The safetensors copy of ``gguf`` at ``target``, converted once (a file lock serialises processes)."""
+    """The safetensors copy of ``gguf`` at ``target``, converted once (a file lock serialises processes; the lock
+    file is removed afterwards, whether the conversion worked or not)."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").is_file():
-            _convert_gguf(gguf, target)
+    lock = target.with_name(target.name + ".lock")
+    try:
+        with FileLock(str(lock)):
+            if not (target / "config.json").is_file():
+                _convert_gguf(gguf, target)
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
     return target
 
 
@@ -99,21 +120,112 @@ def resolve_model_dir(name: str | None) -> tuple[str, dict]:
     return name, {}
 
 
-def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Load ``(model, tokenizer)``; ``name`` is None (embedded SmolLM2), a Hub id, a directory or a .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _hub_error(name: str | None, exc: Exception) -> KVSqueezeError:
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return KVSqueezeError(
+        f"cannot load model {name!r} (the Hugging Face Hub may be unreachable: {first}); "
+        "pass a local model directory or a .gguf file instead"
+    )
 
-    torch_dtype = parse_dtype(dtype)
+
+def load_config(name: str | None = None):
+    """The model's config, checked to be a causal (decoder-only) LM, without loading any weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    ref, extra = resolve_model_dir(name)
+    try:
+        config = AutoConfig.from_pretrained(ref, **extra)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+    except ValueError as exc:  # unknown model_type, malformed config.json
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise KVSqueezeError(f"cannot read the config of model {name!r}: {first}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        kind = getattr(config, "model_type", type(config).__name__)
+        raise KVSqueezeError(
+            f"model {name!r} is a {kind!r} model, not a causal (decoder-only) language model; "
+            "kvsqueeze needs a model that AutoModelForCausalLM loads (Llama, Qwen2, Mistral, Gemma-3 …)"
+        )
+    return config
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence (prompt + generated tokens) the model's position embeddings allow (None = unknown)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def kv_bytes_per_token(config, dtype: str | torch.dtype = "float32") -> int:
+    """Bytes of an uncompressed KV cache per token (keys + values of every layer)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * parse_dtype(dtype).itemsize
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation on this machine (Linux ``MemAvailable``; None if unknown)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_context_fits(config, tokens: int, dtype: str | torch.dtype = "float32", what: str = "the prompt",
+                       fix: str = "use a shorter context") -> None:  # fmt: skip
+    """Refuse (before any model work) ``tokens`` positions beyond the model's maximum, or whose uncompressed KV
+    cache plus prefill activations would not fit in the available memory."""
+    limit = max_positions(config)
+    if limit is not None and tokens > limit:
+        raise KVSqueezeError(f"{what} needs {tokens} positions but the model allows at most {limit}; {fix}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = max(getattr(text, "intermediate_size", 0) or 0, getattr(text, "hidden_size", 0) or 0)
+    need = tokens * (kv_bytes_per_token(config, dtype) + 4 * width * parse_dtype(dtype).itemsize)
+    free = available_memory()
+    if free is not None and need > free:
+        raise KVSqueezeError(
+            f"{what} ({tokens} tokens) needs about {need / 2**30:.1f} GiB for its cache and prefill but "
+            f"{free / 2**30:.1f} GiB is available; {fix}"
+        )
+
+
+def load_tokenizer(name: str | None = None):
+    """The model's tokenizer (with a pad token), without loading any weights."""
+    from transformers import AutoTokenizer
+
     ref, extra = resolve_model_dir(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, **extra)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **extra)
     except OSError as exc:
-        raise KVSqueezeError(
-            f"cannot load model {name!r} (the Hugging Face Hub may be unreachable: {str(exc).splitlines()[0]}); "
-            "pass a local model directory or a .gguf file instead"
-        ) from exc
-    model.to(device).eval()
+        raise _hub_error(name, exc) from None
+    except (ValueError, KeyError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise KVSqueezeError(f"cannot load the tokenizer of model {name!r}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
+    """Load ``(model, tokenizer)``; ``name`` is None (embedded SmolLM2), a Hub id, a directory or a .gguf file.
+
+    The config is read and checked first (a causal LM), so a wrong model fails in one line before any weights load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    load_config(name)
+    ref, extra = resolve_model_dir(name)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **extra)
+    except OSError as exc:
+        raise _hub_error(name, exc) from None
+    model.to(device).eval()
     return model, tokenizer

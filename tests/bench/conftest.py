@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from transformers import LlamaConfig
 
-from tests.conftest import tiny_model
+from kvsqueeze.models import check_context_fits
+from tests.conftest import TINY, tiny_model
 
 
 class CharTokenizer:
@@ -22,13 +24,20 @@ class CharTokenizer:
 
 
 class TinyProvider:
-    """A model provider for tests that counts model loads."""
+    """A model provider for tests that counts model loads (its model allows 1024 positions, as ``TINY`` says)."""
 
     def __init__(self, fail_on_load: bool = False):
         self.tokenizer = CharTokenizer()
         self.model_loads = 0
         self._fail = fail_on_load
         self._model = None
+
+    @property
+    def config(self):
+        return LlamaConfig(**TINY)
+
+    def check_fits(self, tokens: int, what: str, fix: str) -> None:
+        check_context_fits(self.config, tokens, "float32", what=what, fix=fix)
 
     @property
     def model(self):

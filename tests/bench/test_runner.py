@@ -32,9 +32,10 @@ def test_sweep_rows_then_resume_does_no_model_work(tmp_path):
         assert {"score", "loglik", "kl_gold"} <= set(r["scores"]) and r["seed"] == 0
         assert r["versions"]["torch"] and "git_commit" in r and r["full_bytes"] > 0
         assert r["cache_bytes"] < r["full_bytes"] or r["method"] == "full"
-    # the full row is decoded in a batch, its reference alone: equal up to float32 summation order
-    tolerance = 100 * torch.finfo(torch.float32).eps
-    assert all(abs(r["scores"]["kl_gold"]) <= tolerance for r in rows if r["method"] == "full")
+    # the full row's gold logits come from the batched path, its reference from the single path: equal up to float32
+    # rounding (logits within ~1000 eps of each other give a KL below (1000 eps)^2)
+    kl_tol = (1000 * torch.finfo(torch.float32).eps) ** 2
+    assert all(abs(r["scores"]["kl_gold"]) < kl_tol for r in rows if r["method"] == "full")
     # a rerun of the finished sweep: nothing to do, the model is never requested
     again = run_sweep(config, TinyProvider(fail_on_load=True), progress=False)
     assert again.rows_written == 0 and again.cells_skipped == 6 and again.model_loads == 0

@@ -37,11 +37,40 @@ def test_loglik_perplexity_and_fidelity_by_hand():
     assert scoring.fidelity(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]))["top1"] == 0.0
 
 
-def test_mean_ci_student_t():
-    mean, ci = scoring.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)
-    assert scoring.mean_ci([5.0]) == (5.0, 0.0)
-    assert scoring.mean_ci([1.0] * 50) == (1.0, 0.0)
-    m, c = scoring.mean_ci([0.0, 1.0] * 50)  # n = 100 → normal quantile
-    assert m == 0.5 and c == pytest.approx(1.96 * math.sqrt(100 / 99 * 0.25) / 10, abs=1e-6)
-    assert math.isnan(scoring.mean_ci([])[0])
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval written out by hand (independent of scipy)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_interval_is_wilson_for_binary_scores():
+    iv = scoring.interval([1.0, 0.0, 1.0])
+    assert iv.kind == "wilson" and iv.n == 3 and iv.mean == pytest.approx(2 / 3)
+    assert (iv.low, iv.high) == pytest.approx(_wilson(2, 3), abs=1e-6)
+    two = scoring.interval([0.0, 1.0])  # a Student t gave 0.5 ± 6.353 here, far outside [0, 1]
+    assert two.kind == "wilson" and 0.0 <= two.low < 0.5 < two.high <= 1.0
+    assert (two.low, two.high) == pytest.approx(_wilson(1, 2), abs=1e-6)
+    ones = scoring.interval([1.0] * 50)  # all found: still an interval below 1, not "± 0"
+    assert ones.high == pytest.approx(1.0) and ones.low == pytest.approx(_wilson(50, 50)[0], abs=1e-6)
+    assert ones.low < 0.95
+    assert scoring.interval([0.0, 0.0, 0.0], binary=False).kind == "t"  # e.g. the full cache's KL: continuous
+
+
+def test_interval_is_student_t_for_continuous_scores():
+    iv = scoring.interval([1.0, 2.0, 3.0])
+    assert iv.kind == "t" and iv.mean == 2.0
+    assert iv.half_width == pytest.approx(4.303 * 1.0 / math.sqrt(3), abs=1e-3)  # t(0.975, 2 df) = 4.303
+    frac = scoring.interval([0.25, 0.5, 1.0])  # fractions of several answers found: not a 0/1 score
+    assert frac.kind == "t"
+    same = scoring.interval([0.3] * 4)
+    assert same.kind == "t" and same.low == same.high == pytest.approx(0.3)
+
+
+def test_no_interval_for_one_sample_or_none():
+    one = scoring.interval([0.7])
+    assert one.kind == "none" and one.mean == 0.7 and math.isnan(one.low) and math.isnan(one.high)
+    assert scoring.interval([1.0]).kind == "none"  # one found answer says nothing about the spread
+    empty = scoring.interval([None, float("nan")])
+    assert empty.n == 0 and math.isnan(empty.mean)

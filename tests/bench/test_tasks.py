@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from kvsqueeze.bench.tasks import TaskSpec, generate, parse_tasks
+from kvsqueeze.bench.tasks import Question, Sample, TaskSpec, generate, parse_tasks
 from kvsqueeze.bench.tasks.niah import DEPTHS, VARIANTS
 from kvsqueeze.errors import KVSqueezeError
+from tests.conftest import tiny_model
 
 TASKS = ["niah", "vt", "cwe", "fwe", "fidelity", "multiturn", "speed", "longgen"]
 
@@ -152,3 +153,45 @@ def test_niah_prompt_length_with_the_real_tokenizer():
     for s in generate(TaskSpec("niah"), tok, samples=4, length=2048, seed=0):
         ctx, q = qa_prompt(tok, s.context, s.questions[0])
         assert 1900 <= ctx.shape[-1] + q.shape[-1] <= 2048
+
+
+@pytest.mark.parametrize(
+    ("prefix", "gold"),
+    [
+        ('The special magic word is "', "oyster"),  # after an opening quote: no space
+        ("The special magic word is ", "oyster"),  # the prefix already ends with the space
+        ("", "oyster"),  # the answer starts the assistant's turn
+        ("The special magic word is", " oyster"),
+        ("The three words are:", " oyster"),
+    ],
+)
+def test_gold_is_the_text_that_follows_the_answer_prefix(prefix, gold):
+    assert Question("q?", ("oyster",), prefix).gold == gold
+
+
+def test_evaluator_scores_the_gold_answer_as_it_follows_the_prompt(chars):
+    from kvsqueeze.bench.evaluate import SampleEvaluator, split_prompt
+
+    q = Question("Which word?", ("oyster",), 'The word is "')
+    sample = Sample("file:x", "line00001", "qa", "An oyster sat in the sea. " * 4, (q,))
+    evaluator = SampleEvaluator(tiny_model("llama"), chars, sample, query_aware=False)
+    assert chars.decode(evaluator.gold_ids[0].tolist()) == "oyster"  # not ' oyster', which the model never writes
+    tail = split_prompt(chars, sample.context, q)[1]
+    assert chars.decode(evaluator.question_ids[0].tolist()) == tail and tail.endswith('"')
+
+
+@pytest.mark.model
+def test_gold_tokens_follow_the_prefix_with_a_bpe_tokenizer():
+    from kvsqueeze.bench.text import continuation_ids, encode
+    from kvsqueeze.models import load_tokenizer
+
+    tok = load_tokenizer()
+    for prefix, answer in [('The word is "', "oyster"), ("The number is", " 7342")]:
+        ids = continuation_ids(tok, prefix, answer)
+        assert encode(tok, prefix) + ids == encode(tok, prefix + answer)
+        assert tok.decode(ids) == answer
+    # a prefix ending in a space: BPE would merge " blue" across the boundary, which a model continuing the
+    # prompt's tokens (the last one a space) cannot write; it writes "blue-green" on its own
+    ids = continuation_ids(tok, "It is: ", "blue-green")
+    assert ids == encode(tok, "blue-green") and tok.decode(ids) == "blue-green"
+    assert continuation_ids(tok, 'is "', "oyster") != encode(tok, " oyster")  # what was scored before

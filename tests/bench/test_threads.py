@@ -21,7 +21,7 @@ def _cli() -> typer.Typer:
 def test_threads_option_is_applied_before_the_sweep(tmp_path, monkeypatch):
     seen: list[int] = []
 
-    def fake_sweep(config, executor=None, progress=True):
+    def fake_sweep(config, executor=None, progress=True, warn=None):
         seen.append(torch.get_num_threads())
         return SimpleNamespace(rows_written=0, errors=0, cells_skipped=0, seconds=0.0)
 

@@ -42,15 +42,34 @@ ARCHITECTURES = {
     "mistral-window": small(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=WINDOW),
     "phi3": small(tf.Phi3Config, tf.Phi3ForCausalLM, pad_token_id=0),
     "gemma": small(tf.GemmaConfig, tf.GemmaForCausalLM, head_dim=16),
-    "gemma2": small(tf.Gemma2Config, tf.Gemma2ForCausalLM, head_dim=16, sliding_window=WINDOW,
-                    attn_logit_softcapping=1.0, initializer_range=0.5),  # fmt: skip  # a softcap that binds; eager
-    "gemma3": small(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, head_dim=16, sliding_window=WINDOW,
-                    layer_types=["sliding_attention", "full_attention"]),  # fmt: skip
+    # a logit softcap that binds (large weights, cap 1); eager attention
+    "gemma2": small(
+        tf.Gemma2Config,
+        tf.Gemma2ForCausalLM,
+        head_dim=16,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=1.0,
+        initializer_range=0.5,
+    ),
+    "gemma3": small(
+        tf.Gemma3TextConfig,
+        tf.Gemma3ForCausalLM,
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "gpt_neox": small(tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
     "starcoder2": small(tf.Starcoder2Config, tf.Starcoder2ForCausalLM, sliding_window=WINDOW),
     "olmo": small(tf.OlmoConfig, tf.OlmoForCausalLM, pad_token_id=0),
-    "gpt_oss": small(tf.GptOssConfig, tf.GptOssForCausalLM, head_dim=16, sliding_window=WINDOW, num_local_experts=2,
-                     num_experts_per_tok=1),  # fmt: skip  # attention sinks, eager
+    # attention sinks; eager attention
+    "gpt_oss": small(
+        tf.GptOssConfig,
+        tf.GptOssForCausalLM,
+        head_dim=16,
+        sliding_window=WINDOW,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    ),
 }
 
 

@@ -118,7 +118,7 @@ def test_keydiff_keeps_keys_least_similar_to_mean_key():
     for b in range(B):
         for h in range(H):
             k = ctx.keys[b, h]
-            anchor = k.mean(0)
+            anchor = (k / k.norm(dim=-1, keepdim=True)).mean(0)  # the paper's anchor: mean of normalised keys
             cos = (k @ anchor) / (k.norm(dim=-1) * anchor.norm())
             assert as_sets(mask)[b][h] == set(torch.topk(-cos, 12).indices.tolist())
 

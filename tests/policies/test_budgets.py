@@ -62,7 +62,8 @@ def test_adakv_keeps_protected_tokens_and_ignores_padding(make_ctx):
 
 @pytest.mark.parametrize("m,keep,prot,n", [(30, 1024, 32, 2048), (30, 205, 32, 2048), (7, 13, 0, 40), (4, 35, 4, 40)])
 def test_pyramid_budgets_monotone_and_exact(m, keep, prot, n):
-    budgets = pyramid_budgets(m, keep, prot, n, beta=20.0)
+    # (4, 35, 4, 40) is a short prompt (40 < 2 * 31): a pyramid only in the short_prompt=pyramid reading
+    budgets = pyramid_budgets(m, keep, prot, n, beta=20.0, short_prompt="pyramid")
     assert sum(budgets) == m * keep
     assert all(a >= b for a, b in itertools.pairwise(budgets))
     assert all(prot <= b <= n for b in budgets)

@@ -104,7 +104,7 @@ def add_commands(app: typer.Typer) -> None:
                 import torch
 
                 torch.set_num_threads(threads)
-            return run_sweep(config, executor=runner, progress=progress)
+            return run_sweep(config, executor=runner, progress=progress, warn=_warn)
 
         try:
             result = _user_errors(work)
@@ -121,15 +121,23 @@ def add_commands(app: typer.Typer) -> None:
         """Re-render summary.csv, summary.md and the plots from RUN_DIR/results.jsonl."""
         from kvsqueeze.bench.report import render
 
-        for path in _user_errors(lambda: render(run_dir)):
+        for path in _user_errors(lambda: render(run_dir, warn=_warn)):
             print(path)
 
 
+def _warn(message: str) -> None:
+    Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def _quiet() -> None:
+    """Silence transformers' and the Hub client's logging (an unreachable Hub id prints one error line, not every
+    retry) and their progress bars."""
     import warnings
 
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
+    hub_logging.set_verbosity_error()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -21,7 +21,7 @@ from kvsqueeze.bench import scoring
 from kvsqueeze.bench.batch import forward_many, greedy_many
 from kvsqueeze.bench.capture import Decoded, Prefill, build_cache, capture_prefill, eos_ids, forward, greedy
 from kvsqueeze.bench.tasks.base import Question, Sample
-from kvsqueeze.bench.text import encode
+from kvsqueeze.bench.text import continuation_ids, encode
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.spec import parse_method
 
@@ -44,6 +44,11 @@ class Cell:
 
 def _ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([encode(tokenizer, text)], dtype=torch.long)
+
+
+def _gold_ids(tokenizer, prompt_end: str, q: Question) -> torch.Tensor:
+    """The gold answer's token ids as they follow the prompt, which ends with the answer prefix."""
+    return torch.tensor([continuation_ids(tokenizer, prompt_end, q.gold)], dtype=torch.long)
 
 
 def _chat(tokenizer, messages: list[dict]) -> str:
@@ -117,7 +122,7 @@ class SampleEvaluator:
         if sample.kind in ("qa", "speed", "longgen"):
             q = sample.questions[0]
             self.context_ids, self.question_ids = qa_prompt(tokenizer, sample.context, q)
-            self.gold_ids = _ids(tokenizer, q.gold)
+            self.gold_ids = _gold_ids(tokenizer, split_prompt(tokenizer, sample.context, q)[1], q)
         elif sample.kind == "continuation":
             self.context_ids = torch.tensor([list(tokenizer.encode(sample.context))], dtype=torch.long)
             self.question_ids = torch.zeros(1, 0, dtype=torch.long)
@@ -302,7 +307,7 @@ class SampleEvaluator:
             text = _chat(tok, messages) + (" " if not getattr(tok, "chat_template", None) else "") + q.answer_prefix
             new = text[len(in_cache) :] if text.startswith(in_cache) else text[_common_prefix(text, in_cache) :]
             first = forward(self.model, cache, _ids(tok, new), keep=1)[-1]
-            gold_ids = _ids(tok, q.gold)
+            gold_ids = _gold_ids(tok, new, q)
             ll = scoring.gold_loglik(self._gold_logits(cache, first, gold_ids), gold_ids[0])
             out = greedy(self.model, cache, first, q.max_new_tokens, self.eos)
             answer_tokens = [x for x in out.tokens if x not in self.eos]

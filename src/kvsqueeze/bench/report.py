@@ -2,13 +2,19 @@
 
 Outputs in the run directory:
 
-- ``summary.csv`` — long format: task, method, ratio, metric, n, mean, ci95 (half-width of a 95 % Student-t
-  interval over samples) for every score, bytes per token, cache fraction and timing;
-- ``summary.md`` — per task: the primary score (mean ± 95 % CI) per method × ratio, bytes, and speed tables;
+- ``summary.csv`` — long format: task, method, ratio, metric, n, mean and the 95 % interval ``ci_low``–``ci_high``
+  with its kind (``interval``): Wilson's score interval for 0/1 scores (found / not found), Student's t for
+  continuous numbers, none for a single sample;
+- ``summary.md`` — per task: method × ratio tables of the primary score (mean and interval) and of bytes, the
+  speed and long-generation tables, and the failed cells;
 - ``score_vs_ratio_<task>.png``, ``pareto_<task>.png`` (score vs cache bytes per token: quantized and evicting
-  methods compared at equal bytes), ``niah_heatmap.png`` (score by depth × length), ``speed.png``.
+  methods compared at equal bytes; each method its own marker and line style, so overlapping lines stay visible),
+  ``niah_heatmap.png`` (score by depth × length), ``speed.png`` (work shared by every ratio of a sample, such as
+  H2O's accumulated attention, is its own "one-off scoring" bar instead of being charged to the first ratio).
 
-Speed rows are also divided by the full cache's row of the same sample (``*_vs_full``).
+Rows are read defensively: lines that are not UTF-8, not JSON or not a result row are skipped and reported; when a
+cell appears more than once (two sweeps on one directory, a sample rerun after its content changed) only its last
+row counts. Speed rows are also divided by the full cache's row of the same sample (``*_vs_full``).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import csv
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from itertools import count
 from pathlib import Path
 
-from kvsqueeze.bench.runner import RESULTS, read_rows
-from kvsqueeze.bench.scoring import mean_ci
+from kvsqueeze.bench.runner import RESULTS, latest_rows, scan_rows
+from kvsqueeze.bench.scoring import interval, is_binary
 from kvsqueeze.errors import KVSqueezeError
 
 LOWER_IS_BETTER = {"ppl": "perplexity", "fidelity": "KL(full ‖ compressed), nats"}
@@ -28,6 +36,9 @@ SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (hi
 _EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds",
           "tokens_kept_mean", "decode_vs_full")  # fmt: skip
 _SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "rss_vs_full", "peak_rss_bytes", "rss_delta_bytes")
+FIELDS = ["task", "method", "ratio", "metric", "n", "mean", "ci_low", "ci_high", "interval"]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _label(method: str, ratio) -> str:
@@ -38,6 +49,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _metrics(rows: list[dict]) -> list[dict]:
     """Flatten each ok row into numbers (scores + bytes + timings + speed ratios vs. the full cache)."""
     full = {(r["task"], r["sample_id"]): r for r in rows if r["method"] == "full"}
@@ -45,15 +60,18 @@ def _metrics(rows: list[dict]) -> list[dict]:
     for r in rows:
         m = {k: v for k, v in r.get("scores", {}).items() if isinstance(v, (int, float))}
         for k in _EXTRA:
-            if isinstance(r.get(k), (int, float)):
+            if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool):
                 m[k] = r[k]
-        if r.get("full_bytes"):
+        one_off = r.get("one_off_seconds")
+        if isinstance(one_off, (int, float)) and "compression_seconds" in m:  # per-ratio work only; see speed.png
+            m["compression_seconds"] = max(m["compression_seconds"] - one_off, 0.0)
+        if _number(r.get("full_bytes")) and _number(r.get("cache_bytes")) and r["full_bytes"]:
             m["cache_fraction"] = r["cache_bytes"] / r["full_bytes"]
         ref = full.get((r["task"], r["sample_id"]))
         if r["task"] == "speed" and ref is not None:
             for name, key in (("prefill_vs_full", "prefill_seconds"), ("decode_vs_full", "decode_tokens_per_second"),
                               ("bytes_vs_full", "cache_bytes"), ("rss_vs_full", "rss_delta_bytes")):  # fmt: skip
-                if ref.get(key):
+                if isinstance(ref.get(key), (int, float)) and ref[key] and isinstance(r.get(key), (int, float)):
                     m[name] = r[key] / ref[key]
             for key in ("peak_rss_bytes", "rss_delta_bytes"):
                 m[key] = r.get(key)
@@ -62,7 +80,7 @@ def _metrics(rows: list[dict]) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± 95 % CI per task × method × ratio × metric."""
+    """Mean and 95 % interval (:func:`kvsqueeze.bench.scoring.interval`) per task × method × ratio × metric."""
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for m in _metrics(rows):
         key = (m["task"], m["method"], m["ratio"])
@@ -72,10 +90,18 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (task, method, ratio), metrics in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         for name, values in sorted(metrics.items()):
-            mean, ci = mean_ci(values)
-            out.append({"task": task, "method": method, "ratio": ratio, "metric": name, "n": len(values),
-                        "mean": mean, "ci95": ci})  # fmt: skip
+            iv = interval(values, binary=is_proportion(task, name) and is_binary(values))
+            out.append({"task": task, "method": method, "ratio": ratio, "metric": name, "n": iv.n, "mean": iv.mean,
+                        "ci_low": iv.low, "ci_high": iv.high, "interval": iv.kind})  # fmt: skip
     return out
+
+
+def is_proportion(task: str, metric: str) -> bool:
+    """Whether ``metric`` of ``task`` is a success/failure outcome per sample (an answer found or not), so that a
+    binomial (Wilson) interval applies when every value is 0 or 1. Perplexity, KL, agreement fractions, bytes and
+    timings are continuous, even when they happen to be 0 or 1 (the full cache's KL, a ratio to itself)."""
+    continuous_task = task in LOWER_IS_BETTER or task in SCORE_LABELS
+    return not continuous_task and re.fullmatch(r"score|turn\d+", metric) is not None
 
 
 def _order(key: tuple) -> tuple:
@@ -83,35 +109,69 @@ def _order(key: tuple) -> tuple:
     return (task, method != "full", method, -1.0 if ratio is None else ratio)
 
 
-def _fmt(mean: float, ci: float) -> str:
+def _fmt(s: dict | None) -> str:
+    """``mean [low, high]`` (``mean (n=1)`` without an interval); empty for a missing cell."""
+    if not s:
+        return ""
+    mean = s["mean"]
     if mean is None or math.isnan(mean):
         return "–"
     digits = 3 if abs(mean) < 10 else 1
-    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+    if s["interval"] == "none":
+        return f"{mean:.{digits}f} (n={s['n']})"
+    return f"{mean:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table; every row padded or cut to the header's width (never a malformed table)."""
+    width = len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * width]
+    for row in rows:
+        cells = [str(c).replace("|", "\\|").replace("\n", " ") for c in row][:width]
+        cells += [""] * (width - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _lookup(summary: list[dict]) -> dict:
     return {(s["task"], s["method"], s["ratio"], s["metric"]): s for s in summary}
 
 
+def _header(all_rows: list[dict]) -> list[str]:
+    configs = []
+    for r in all_rows:
+        c = (r.get("model"), r.get("dtype"), r.get("mode"), r.get("seed"))
+        if c not in configs:
+            configs.append(c)
+    first = all_rows[0]
+    lines = []
+    for model, dtype, mode, seed in configs:
+        lines.append(f"model `{model}` · dtype `{dtype}` · {mode} · seed {seed}")
+    versions = first.get("versions") if isinstance(first.get("versions"), dict) else {}
+    commit = first.get("git_commit") if isinstance(first.get("git_commit"), str) else "unknown"
+    lines[-1] += f" · commit `{commit[:10]}` · " + ", ".join(f"{k} {v}" for k, v in versions.items())
+    if len(configs) > 1:
+        lines.append("")
+        lines.append(f"**{len(configs)} configurations are pooled in this directory**; compare them in separate runs.")
+    return lines
+
+
 def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> str:
     look = _lookup(summary)
-    first = rows[0] if rows else (all_rows[0] if all_rows else {})
-    lines = ["# kvsqueeze benchmark results", ""]
+    lines = ["# kvsqueeze benchmark results", "", *_header(all_rows), ""]
     lines.append(
-        f"model `{first.get('model')}` · dtype `{first.get('dtype')}` · {first.get('mode')} · seed {first.get('seed')}"
-        f" · commit `{(first.get('git_commit') or 'unknown')[:10]}` · "
-        + ", ".join(f"{k} {v}" for k, v in (first.get("versions") or {}).items())
+        "Scores are means over samples with a 95 % confidence interval `[low, high]`: Wilson's score interval for "
+        "0/1 scores (an answer found or not), Student's t for continuous scores; `(n=1)` marks a single sample "
+        "(no interval). `ratio` is the fraction of context tokens removed; `full` is the uncompressed cache."
     )
-    lines.append("")
-    lines.append("Scores are means over samples ± the half-width of a 95 % Student-t confidence interval. ")
-    lines.append("`ratio` is the fraction of context tokens removed; `full` is the uncompressed cache.")
     lines.append("")
     errors = [r for r in all_rows if r.get("status") != "ok"]
     for task in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task]
         methods = sorted({r["method"] for r in task_rows}, key=lambda m: (m != "full", m))
         ratios = sorted({r["ratio"] for r in task_rows if r["ratio"] is not None})
+        columns = [*ratios, None] if any(r["ratio"] is None for r in task_rows) else ratios
+        names = [f"ratio {r:g}" if r is not None else "no ratio" for r in columns]
         n = len({r["sample_id"] for r in task_rows})
         what = LOWER_IS_BETTER.get(task) or SCORE_LABELS.get(
             task, "score (fraction of expected answers found; higher is better)"
@@ -119,63 +179,51 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
         lines += [f"## {task} ({n} samples) — {what}", ""]
         if task in LOWER_IS_BETTER:
             lines += ["lower is better", ""]
-        header = ["method", *(f"ratio {r:g}" for r in ratios), "no ratio"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for method in methods:
-            cells = []
-            for ratio in [*ratios, None]:
-                s = look.get((task, method, ratio, "score"))
-                cells.append(_fmt(s["mean"], s["ci95"]) if s else "")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Cache bytes per context token (mean):", ""]
-        lines += ["| method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " | no ratio |"]
-        lines += ["|" + "---|" * (len(ratios) + 2)]
-        for method in methods:
-            cells = []
-            for ratio in [*ratios, None]:
-                s = look.get((task, method, ratio, "bytes_per_token"))
-                cells.append(f"{s['mean']:.0f}" if s else "")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _table(["method", *names],
+                        [[m, *(_fmt(look.get((task, m, r, "score"))) for r in columns)] for m in methods])  # fmt: skip
+        lines += ["Cache bytes per context token (mean):", ""]
+        bytes_rows = []
+        for m in methods:
+            cells = [look.get((task, m, r, "bytes_per_token")) for r in columns]
+            bytes_rows.append([m, *(f"{c['mean']:.0f}" if c else "" for c in cells)])
+        lines += _table(["method", *names], bytes_rows)
         if task == "longgen":
             lines += _longgen_table(task_rows, look)
     speed = [s for s in summary if s["task"] == "speed" and s["metric"] in _SPEED[:4]]
     if speed:
         lines += ["## speed vs. the full cache (ratios; < 1 = less time / fewer bytes)", ""]
-        lines += [
-            "| method | ratio | prefill time | decode tok/s | bytes held | RSS growth |",
-            "|---|---|---|---|---|---|",
-        ]
+        body = []
         for method, ratio in sorted({(s["method"], s["ratio"]) for s in speed}, key=lambda x: _order(("", *x))):
             cells = [look.get(("speed", method, ratio, k)) for k in _SPEED[:4]]
-            lines.append(
-                f"| {method} | {'' if ratio is None else ratio} | "
-                + " | ".join(_fmt(c["mean"], c["ci95"]) if c else "" for c in cells)
-                + " |"
-            )
-        lines.append("")
+            body.append([method, "" if ratio is None else f"{ratio:g}", *(_fmt(c) for c in cells)])
+        lines += _table(["method", "ratio", "prefill time", "decode tok/s", "bytes held", "RSS growth"], body)
     if errors:
         lines += [f"## failed cells ({len(errors)})", ""]
-        seen = set()
+        grouped: dict[tuple, int] = defaultdict(int)
         for r in errors:
-            key = (r["task"], r["method"], r.get("error"))
-            if key not in seen:
-                seen.add(key)
-                lines.append(f"- {r['task']} {_label(r['method'], r['ratio'])}: {r.get('error')}")
-        lines.append("")
+            grouped[(r["task"], r["method"], r.get("ratio"), str(r.get("error")))] += 1
+        body = [[task, method, "" if ratio is None else f"{ratio:g}", str(count), error]
+                for (task, method, ratio, error), count in grouped.items()]  # fmt: skip
+        lines += _table(["task", "method", "ratio", "cells", "error"], body)
     return "\n".join(lines)
 
 
 def _longgen_table(task_rows: list[dict], look: dict) -> list[str]:
     """Per method × ratio: KL, tokens held per KV head at the end, decode tok/s ÷ the full cache's."""
     lines = ["Long generation: mean KL(full ‖ compressed) in nats, tokens held per KV head at the end, decode "
-             "tokens/s ÷ the full cache's (same samples):", "",
-             "| method | ratio | KL | tokens held | decode vs full |", "|---|---|---|---|---|"]  # fmt: skip
+             "tokens/s ÷ the full cache's (same samples):", ""]  # fmt: skip
+    body = []
     for method, ratio in sorted({(r["method"], r["ratio"]) for r in task_rows}, key=lambda x: _order(("", *x))):
         cells = [look.get(("longgen", method, ratio, k)) for k in ("kl", "tokens_kept_mean", "decode_vs_full")]
-        lines.append(f"| {method} | {'' if ratio is None else ratio} | "
-                     + " | ".join(_fmt(c["mean"], c["ci95"]) if c else "" for c in cells) + " |")  # fmt: skip
-    return [*lines, ""]
+        body.append([method, "" if ratio is None else f"{ratio:g}", *(_fmt(c) for c in cells)])
+    return lines + _table(["method", "ratio", "KL", "tokens held", "decode vs full"], body)
+
+
+def _errorbar(s: dict) -> tuple[float, float]:
+    """Distances from the mean to the interval's ends (0 without an interval)."""
+    if s["interval"] == "none" or math.isnan(s["ci_low"]):
+        return 0.0, 0.0
+    return max(s["mean"] - s["ci_low"], 0.0), max(s["ci_high"] - s["mean"], 0.0)
 
 
 def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
@@ -195,16 +243,17 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
         full = look.get((task, "full", None, "score"))
         if full:
             ax.axhline(full["mean"], color="black", ls="--", lw=1, label="full cache")
+        styles = dict(zip(methods, _styles(), strict=False))
         for i, method in enumerate(methods):
             pts = sorted(
-                (s["ratio"], s["mean"], s["ci95"]) for (t, m, r, k), s in look.items()
+                (s["ratio"], s["mean"], *_errorbar(s)) for (t, m, r, k), s in look.items()
                 if t == task and m == method and k == "score" and r is not None
             )  # fmt: skip
             if pts:
-                xs, ys, es = zip(*pts, strict=True)
+                xs, ys, lo, hi = zip(*pts, strict=True)
                 dodge = (i - (len(methods) - 1) / 2) * 0.006  # keep overlapping error bars apart
                 xs = [x + dodge for x in xs]
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, alpha=0.85)
+                ax.errorbar(xs, ys, yerr=[lo, hi], capsize=3, label=method, alpha=0.85, **styles[method])
             else:
                 s = look.get((task, method, None, "score"))
                 if s:
@@ -227,8 +276,13 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
             )  # fmt: skip
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                style = {"color": "black", "marker": "*", "ms": 12} if method == "full" else {"marker": "o"}
-                ax.plot(xs, ys, ls="-" if len(xs) > 1 else "", label=method, **style)
+                if method == "full":
+                    style = {"color": "black", "marker": "*", "ms": 12, "ls": ""}
+                else:  # distinct marker and line style per method: lines lying on each other stay distinguishable
+                    style = {**styles[method], "ms": 7, "mfc": "none", "mew": 1.4}
+                    if len(xs) == 1:
+                        style["ls"] = ""
+                ax.plot(xs, ys, label=method, alpha=0.9, **style)
         ax.set_xlabel("cache bytes per context token")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{task}: quality vs. memory")
@@ -240,6 +294,12 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
         made.append(_heatmap(plt, niah, out / "niah_heatmap.png"))
     made.append(_speed_plot(plt, rows, summary, out / "speed.png"))
     return [p for p in made if p is not None]
+
+
+def _styles():
+    """Marker and line style per series (endless): 48 series before a (marker, line style) pair repeats."""
+    for i in count():
+        yield {"marker": MARKERS[i % len(MARKERS)], "ls": LINESTYLES[(i + i // len(MARKERS)) % len(LINESTYLES)]}
 
 
 def _heatmap(plt, metrics: list[dict], path: Path) -> Path:
@@ -305,21 +365,39 @@ def _speed_plot(plt, rows: list[dict], summary: list[dict], path: Path) -> Path 
     look: dict[tuple, list[float]] = defaultdict(list)
     for s in speed:
         look[(_label(s["method"], s["ratio"]), s["metric"])].append(s["mean"])
+    one_off = set()
+    if not speed or speed[0]["task"] != "speed":  # captured-prefill tasks: shared scoring work is its own bar
+        for label, seconds in one_off_seconds(rows).items():
+            look[(label, "compression_seconds")].append(seconds)
+            one_off.add(label)
     labels = sorted({lab for lab, _ in look}, key=lambda x: (x != "full", x))
     metrics = [(key, name) for key, name in metrics if any(k == key for _, k in look)]  # e.g. no batched tok/s
     if not labels or not metrics:
         return None
+    colors = ["black" if lab == "full" else "tab:orange" if lab in one_off else "tab:blue" for lab in labels]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.28 * len(labels) + 1.8), squeeze=False)
     axes = list(axes[0])
     for ax, (key, name) in zip(axes, metrics, strict=True):
-        vals = [sum(look[(lab, key)]) / len(look[(lab, key)]) if look.get((lab, key)) else 0.0 for lab in labels]
-        ax.barh(range(len(labels)), vals, color=["black" if lab == "full" else "tab:blue" for lab in labels])
+        vals = [sum(look[(lab, key)]) / len(look[(lab, key)]) if look.get((lab, key)) else math.nan for lab in labels]
+        ax.barh(range(len(labels)), vals, color=colors)
         ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels), fontsize=7)
         ax.set_title(name, fontsize=9)
-        ax.invert_yaxis()
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # same rows on every panel (a missing value draws no bar), top down
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def one_off_seconds(rows: list[dict]) -> dict[str, float]:
+    """Mean seconds per sample of the work a sample's cells share (e.g. H2O's accumulated attention), by the scorer
+    that computed it: ``{"h2o (one-off scoring)": 0.8}``. Rows record it on the cell that paid for it."""
+    per_sample: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+    for r in rows:
+        seconds = r.get("one_off_seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            scorer = str(r.get("spec") or r["method"]).split("+")[0]
+            per_sample[f"{scorer} (one-off scoring)"][(r["task"], str(r["sample_id"]))] += float(seconds)
+    return {label: sum(v.values()) / len(v) for label, v in per_sample.items()}
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:
@@ -332,21 +410,42 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def render(out_dir: str | Path) -> list[Path]:
-    """Write summary.csv, summary.md and the plots for a run directory; return the files written."""
+def render(out_dir: str | Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Write summary.csv, summary.md and the plots for a run directory; return the files written.
+
+    ``warn`` receives one line about skipped malformed lines and superseded duplicate rows. Raises
+    ``KVSqueezeError`` when nothing can be reported: no results file, no valid row, or no cell that succeeded (the
+    summary listing the failures is still written then)."""
     out = Path(out_dir)
     path = out / RESULTS
     if not path.is_file():
         raise KVSqueezeError(f"no {RESULTS} in {out}; run `kvsqueeze bench --out {out}` first")
-    all_rows = read_rows(path)
+    scan = scan_rows(path)
+    all_rows, superseded = latest_rows(scan.rows)
+    notes = [scan.summary()] if scan.skipped else []
+    if superseded:
+        notes.append(f"{superseded} duplicate row(s) of the same cells ignored (the last row of each cell counts)")
+    if not all_rows:
+        detail = f" ({scan.summary()})" if scan.skipped else ""
+        raise KVSqueezeError(f"{path} holds no result rows{detail}; run `kvsqueeze bench --out {out}`")
+    if warn is not None and notes:
+        warn(f"{path}: " + "; ".join(notes))
     rows = [r for r in all_rows if r.get("status") == "ok"]
     summary = summarize(rows)
     written = [out / "summary.csv", out / "summary.md"]
-    with written[0].open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["task", "method", "ratio", "metric", "n", "mean", "ci95"])
-        w.writeheader()
-        w.writerows(summary)
-    written[1].write_text(_markdown(rows, all_rows, summary), encoding="utf-8")
-    if rows:
-        written += _plots(rows, summary, out)
+    try:
+        with written[0].open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(summary)
+        written[1].write_text(_markdown(rows, all_rows, summary), encoding="utf-8")
+        if rows:
+            written += _plots(rows, summary, out)
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
+    if not rows:
+        first = next((r.get("error") for r in all_rows if r.get("error")), "no error message")
+        raise KVSqueezeError(
+            f"no cell in {path} succeeded ({len(all_rows)} failed; first: {str(first)[:200]}); see {written[1]}"
+        )
     return written

@@ -1,10 +1,18 @@
 """The sweep: every sample × (full cache + method × ratio), one captured prefill per sample, rows on disk.
 
 - A *cell* is (task, sample, method, ratio) under one run configuration (model, dtype, seed, query mode); its key
-  identifies the row in ``results.jsonl``. With ``resume`` (default) finished cells (ok or failed) are skipped; a
-  sample whose cells are all finished does no model work, and the model is loaded only if some cell is pending.
-- Rows are appended one line at a time (write, flush, fsync), so Ctrl-C or a crash keeps every finished row and
-  a torn last line is ignored on reading.
+  identifies the row in ``results.jsonl``. The key holds a hash of the sample's content (context, questions,
+  continuation) and the task's generator version, never a path as typed: editing a ``file:`` dataset reruns the
+  edited lines, and the same file by another path reruns nothing. With ``resume`` (default) finished cells (ok or
+  failed) are skipped; a sample whose cells are all finished does no model work, and the model is loaded only if
+  some cell is pending.
+- One sweep at a time per run directory: a lock (``.kvsqueeze.lock``, released by the OS even on ``kill -9``)
+  makes a second sweep on the same ``--out`` fail at once, naming the holder. A run directory holds one
+  configuration (model, dtype, query mode): mixing them is refused.
+- Rows are appended one line at a time (write, flush, fsync), so Ctrl-C or a crash keeps every finished row; a torn
+  last line (a crash mid-write) is cut off when the next sweep starts, so the file is always valid JSONL.
+- Before any model work the requested context lengths (and every ``file:`` sample) are checked against the
+  model's maximum positions and the available memory.
 - A cell that raises is recorded with ``status: "error"`` and its message; the sweep goes on.
 - Methods that do not evict (a codec alone, e.g. ``kivi``) and methods whose decoding schedule fixes its own
   budget (``h2o+interval:every=16,budget=256``) run once per sample with ``ratio: null``.
@@ -13,24 +21,33 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from kvsqueeze.bench.evaluate import Cell, SampleEvaluator
-from kvsqueeze.bench.tasks import TaskSpec, default_lengths, generate
+from kvsqueeze.bench.tasks import TaskSpec, default_lengths, generate, generated_tokens, task_version
 from kvsqueeze.bench.tasks.base import Sample
+from kvsqueeze.bench.text import encode
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import parse_method
 
 RESULTS = "results.jsonl"
+LOCK = ".kvsqueeze.lock"
+# Part of every cell key: bump it when a change to evaluation or scoring makes old rows wrong (2: gold
+# log-likelihood tokenized as it follows the answer prefix), so that resume reruns them.
+KEY_VERSION = 2
+REQUIRED = {"task": str, "sample_id": (str, int), "method": str, "status": str}
 
 
 # ---- parsing user input (before any model work) ---------------------------------------------------------------
@@ -125,10 +142,14 @@ class SweepConfig:
         return "query-aware" if self.query_aware else "query-agnostic"
 
     def key(self, sample: Sample, cell: Cell) -> str:
+        task = "file" if sample.task.startswith("file:") else sample.task  # a dataset is known by its content
         return json.dumps(
             [
-                sample.task,
+                KEY_VERSION,
+                task,
+                task_version(task),
                 sample.id,
+                sample_digest(sample),
                 cell.method,
                 cell.ratio,
                 self.model or "embedded",
@@ -137,6 +158,14 @@ class SweepConfig:
                 self.mode,
             ]
         )
+
+
+def sample_digest(sample: Sample) -> str:
+    """A hash of everything a sample's evaluation reads (context, questions, continuation, kind)."""
+    payload = json.dumps(
+        [sample.kind, sample.context, [asdict(q) for q in sample.questions], sample.continuation], sort_keys=True
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
 def check_budgets(config: SweepConfig) -> None:
@@ -176,43 +205,131 @@ class ModelProvider:
         self.model_loads = 0
 
     @cached_property
+    def config(self):
+        """The model's config (read and checked to be a causal LM before anything else loads)."""
+        from kvsqueeze.models import load_config
+
+        return load_config(self.name)
+
+    @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        from kvsqueeze.models import load_tokenizer
 
-        from kvsqueeze.models import resolve_model_dir
-
-        ref, extra = resolve_model_dir(self.name)
-        try:
-            tok = AutoTokenizer.from_pretrained(ref, **extra)
-        except OSError as exc:
-            raise KVSqueezeError(f"cannot load the tokenizer of {self.name!r}: pass a local model directory") from exc
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        self.config  # noqa: B018 - a wrong model fails here, in one line, before the tokenizer loads
+        return load_tokenizer(self.name)
 
     @cached_property
     def model(self):
         from kvsqueeze.models import load_model
 
         self.model_loads += 1
-        model, _ = load_model(self.name, dtype=self.dtype, device=self.device)
+        model, _ = load_model(self.name, dtype=self.dtype, device=self.device, tokenizer=self.tokenizer)
         return model
+
+    def check_fits(self, tokens: int, what: str, fix: str) -> None:
+        """Refuse a sequence the model cannot hold (positions, memory) before any model work."""
+        from kvsqueeze.models import check_context_fits
+
+        check_context_fits(self.config, tokens, self.dtype, what=what, fix=fix)
 
 
 # ---- rows ----------------------------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a torn last line (interrupted write) is skipped."""
-    rows = []
+@dataclass
+class Scan:
+    """The valid rows of a results file and what was skipped (line number and reason of each bad line)."""
+
+    rows: list[dict]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return ""
+        line, why = self.skipped[0]
+        return f"{len(self.skipped)} malformed line(s) skipped (line {line}: {why})"
+
+
+def row_problem(row) -> str | None:
+    """Why ``row`` is not a usable result row (None when it is)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for name, kind in REQUIRED.items():
+        if not isinstance(row.get(name), kind) or isinstance(row.get(name), bool):
+            return f"field {name!r} missing or not a {getattr(kind, '__name__', 'string')}"
+    ratio = row.get("ratio")
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)):
+        return "field 'ratio' is not a number"
+    if not isinstance(row.get("scores", {}), dict) or not isinstance(row.get("meta", {}), dict):
+        return "field 'scores' or 'meta' is not an object"
+    return None
+
+
+def scan_rows(path: Path) -> Scan:
+    """Every valid row of a results file, skipping (and listing) lines that are not UTF-8, not JSON, not an object
+    or lack a result's fields — a torn last line included."""
+    scan = Scan([])
     if not path.is_file():
-        return rows
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
+        return scan
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return rows
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                scan.skipped.append((n, "not UTF-8 text"))
+                continue
+            except json.JSONDecodeError:
+                scan.skipped.append((n, "not valid JSON"))
+                continue
+            problem = row_problem(row)
+            if problem:
+                scan.skipped.append((n, problem))
+            else:
+                scan.rows.append(row)
+    return scan
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The valid rows of a results file (see :func:`scan_rows`)."""
+    return scan_rows(path).rows
+
+
+def cell_slot(row: dict) -> tuple:
+    """What a row measures, independent of when it ran and of the sample's content: two rows with the same slot
+    are the same cell (a second sweep on the same directory, or a sample rerun after its content changed)."""
+    return (row["task"], str(row["sample_id"]), row["method"], row.get("ratio"), row.get("model"), row.get("dtype"),
+            row.get("seed"), row.get("mode"))  # fmt: skip
+
+
+def latest_rows(rows: list[dict]) -> tuple[list[dict], int]:
+    """One row per cell slot — the last written (rows are appended in time order) — and how many were dropped."""
+    last: dict[tuple, dict] = {}
+    for row in rows:
+        last[cell_slot(row)] = row
+    kept = list(last.values())
+    return kept, len(rows) - len(kept)
+
+
+def repair_tail(path: Path) -> bool:
+    """Make ``path`` valid JSONL again after a crash mid-write: a torn last line (no newline) is cut off, or, if it
+    happens to be a whole row, terminated. Returns whether the file was changed."""
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    begin = data.rfind(b"\n") + 1
+    try:
+        whole = row_problem(json.loads(data[begin:].decode("utf-8"))) is None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        whole = False
+    with path.open("rb+") as fh:
+        if whole:
+            fh.seek(0, os.SEEK_END)
+            fh.write(b"\n")
+        else:
+            fh.truncate(begin)
+    return True
 
 
 class RowWriter:
@@ -220,13 +337,7 @@ class RowWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        if path.is_file() and path.stat().st_size:
-            with path.open("rb") as fh:  # a torn last line must not glue onto the next row
-                fh.seek(-1, os.SEEK_END)
-                torn = fh.read(1) != b"\n"
-            if torn:
-                with path.open("a", encoding="utf-8") as fh:
-                    fh.write("\n")
+        repair_tail(path)  # a torn last line must not glue onto the next row
         self.fh = path.open("a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
@@ -236,6 +347,85 @@ class RowWriter:
 
     def close(self) -> None:
         self.fh.close()
+
+
+# ---- the run directory -----------------------------------------------------------------------------------------
+def prepare_out(out: Path) -> None:
+    """Create the run directory and prove it writable (one line naming the fix otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise KVSqueezeError(f"--out {out} is an existing file; give a directory for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise KVSqueezeError(
+            f"cannot write to --out {out}: {exc.strerror or exc}; choose a writable directory"
+        ) from None
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold the run directory for one sweep; a second sweep on it fails at once, naming the holder."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / LOCK), timeout=0)
+    holder = out / (LOCK + ".json")
+    try:
+        lock.acquire()
+    except Timeout:
+        who = "another process"
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            info = json.loads(holder.read_text(encoding="utf-8"))
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+            who = f"pid {info['pid']} on {info['host']} (started {started})"
+        raise KVSqueezeError(
+            f"{out} is in use by another sweep: {who}; wait for it to finish or give another --out"
+        ) from None
+    try:
+        with contextlib.suppress(OSError):
+            holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()
+        lock.release()
+
+
+def check_same_configuration(config: SweepConfig, rows: list[dict]) -> None:
+    """A run directory holds one configuration: refuse to add rows of another model, dtype or query mode."""
+    want = {"model": config.model or "embedded", "dtype": config.dtype, "mode": config.mode}
+    for row in rows:
+        for name, value in want.items():
+            if name in row and row[name] != value:
+                raise KVSqueezeError(
+                    f"{config.out} holds results with {name} {row[name]!r}, this sweep uses {value!r}; give another "
+                    "--out (one run directory per model, dtype and query mode)"
+                )
+
+
+def check_lengths(config: SweepConfig, provider) -> None:
+    """Every requested context length plus the tokens the task generates must fit the model (before any sample is
+    generated: a 100k-token request fails in one line, not after minutes)."""
+    if not hasattr(provider, "check_fits"):
+        return
+    for task in config.tasks:
+        for length in config.lengths_for(task):
+            if length:
+                need = length + generated_tokens(task)
+                provider.check_fits(need, what=f"--context-length {length} for task {task.label}",
+                                    fix="give a smaller --context-length")  # fmt: skip
+
+
+def check_sample_fits(sample: Sample, tokenizer, provider) -> None:
+    """A ``file:`` sample's prompt plus its answer must fit the model (its length is known only here)."""
+    if not hasattr(provider, "check_fits") or not sample.task.startswith("file:"):
+        return
+    q = sample.questions[0]
+    tokens = len(encode(tokenizer, sample.context)) + len(encode(tokenizer, q.text + q.answer_prefix)) + 64
+    provider.check_fits(tokens + q.max_new_tokens, what=f"{sample.task} {sample.id} (context, question and answer)",
+                        fix="shorten that sample's context")  # fmt: skip
 
 
 def environment() -> dict:
@@ -269,8 +459,13 @@ def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Itera
     sample = job.sample
     evaluator = SampleEvaluator(model, tokenizer, sample, config.query_aware)
     start = time.perf_counter()
+    memo = None
+    if sample.kind in ("qa", "continuation", "multiturn"):  # cells built from one captured prefill share scoring work
+        memo = TimedMemo()
+        evaluator.prefill.memo = memo
     results = evaluator.run_all(job.cells)
-    for cell, key, result in zip(job.cells, job.keys, results, strict=True):
+    one_off = memo.payers(job.cells) if memo is not None else {}
+    for i, (cell, key, result) in enumerate(zip(job.cells, job.keys, results, strict=True)):
         row = {
             "key": key,
             "task": sample.task,
@@ -279,6 +474,7 @@ def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Itera
             "spec": cell.method,
             "ratio": cell.ratio,
             "meta": sample.meta,
+            "sample_digest": sample_digest(sample),
             "model": config.model or "embedded",
             "dtype": config.dtype,
             "seed": config.seed,
@@ -291,8 +487,48 @@ def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Itera
         else:
             row.update(result)
             row["status"] = "ok"
+            if i in one_off:  # this cell computed work every later cell of the sample reused
+                row["one_off_seconds"] = one_off[i]
         row["finished_at"] = time.time()
         yield row
+
+
+class TimedMemo(dict):
+    """The prefill memo (``policies.base.prefill_memo``: work shared by every cache built from one prefill, such as
+    H2O's accumulated attention) that also times each computation, by memo name.
+
+    ``prefill_memo`` asks ``key in memo`` and, on a miss, stores ``fn()``: the time between the two is the
+    computation. Memo names start with the scorer's name (``"h2o.accumulated"``), and caches are built in cell
+    order, so the first cell whose scorer has that name paid for it: its ``compression_seconds`` include this
+    one-off cost, which the report shows as its own bar."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._missed: tuple[object, float] | None = None
+
+    def __contains__(self, key) -> bool:
+        found = super().__contains__(key)
+        if not found:
+            self._missed = (key, time.perf_counter())
+        return found
+
+    def __setitem__(self, key, value) -> None:
+        if self._missed is not None and self._missed[0] == key and isinstance(key, tuple) and key:
+            self.seconds[str(key[0])] += time.perf_counter() - self._missed[1]
+        self._missed = None
+        super().__setitem__(key, value)
+
+    def payers(self, cells: list[Cell]) -> dict[int, float]:
+        """Seconds of one-off work per index of the cell that paid for it."""
+        paid: dict[int, float] = defaultdict(float)
+        for name, seconds in self.seconds.items():
+            scorer = name.split(".")[0]
+            for i, cell in enumerate(cells):
+                if cell.method != "none" and parse_method(cell.method).scorer.name == scorer:
+                    paid[i] += seconds
+                    break
+        return dict(paid)
 
 
 class LocalExecutor:
@@ -329,13 +565,14 @@ class SweepResult:
     model_loads: int
 
 
-def plan(config: SweepConfig, tokenizer, finished: set[str]) -> tuple[list[Job], int]:
+def plan(config: SweepConfig, tokenizer, finished: set[str], provider=None) -> tuple[list[Job], int]:
     """Jobs with pending cells, and how many cells were already finished."""
     jobs, skipped = [], 0
     cells = config.cells()
     for task in config.tasks:
         for length in config.lengths_for(task):
             for sample in generate(task, tokenizer, samples=config.samples, length=length, seed=config.seed):
+                check_sample_fits(sample, tokenizer, provider)
                 job = Job(sample, [])
                 for cell in cells:
                     key = config.key(sample, cell)
@@ -355,8 +592,19 @@ def run_sweep(
     executor=None,
     progress: bool = True,
     render: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Run (or resume) a sweep into ``config.out`` and render the report."""
+    """Run (or resume) a sweep into ``config.out`` (held by a lock meanwhile) and render the report; ``warn``
+    receives one-line notes (a repaired torn line, skipped malformed rows)."""
+    provider = provider or ModelProvider(config.model, config.dtype)
+    executor = executor or LocalExecutor()
+    check_lengths(config, provider)  # a wrong model or an impossible length: refused before --out is touched
+    prepare_out(config.out)
+    with run_lock(config.out):
+        return _locked_sweep(config, provider, executor, progress, render, warn)
+
+
+def _locked_sweep(config: SweepConfig, provider, executor, progress: bool, render: bool, warn) -> SweepResult:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -367,14 +615,15 @@ def run_sweep(
         TimeRemainingColumn,
     )
 
-    provider = provider or ModelProvider(config.model, config.dtype)
-    executor = executor or LocalExecutor()
-    config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / RESULTS
     if not config.resume and path.is_file():
         path.rename(path.with_name(f"results.{int(time.time())}.jsonl.bak"))
-    finished = {r["key"] for r in read_rows(path) if "key" in r}
-    jobs, skipped = plan(config, provider.tokenizer, finished)
+    if repair_tail(path) and warn is not None:
+        warn(f"{path}: the torn last line of an interrupted sweep was repaired")
+    existing = read_rows(path)
+    check_same_configuration(config, existing)
+    finished = {r["key"] for r in existing if isinstance(r.get("key"), str)}
+    jobs, skipped = plan(config, provider.tokenizer, finished, provider)
     total = sum(len(j.cells) for j in jobs)
     start = time.perf_counter()
     written = errors = 0
@@ -403,5 +652,5 @@ def run_sweep(
     if render:
         from kvsqueeze.bench.report import render as render_report
 
-        render_report(config.out)
+        render_report(config.out, warn=warn)
     return result

@@ -4,20 +4,20 @@
 - ``string_match_part`` (RULER, kvpress' QA scorers): 1 if any expected string is found, else 0.
 - ``gold_loglik``: sum and per-token mean of the log-probabilities of the gold answer's tokens.
 - ``fidelity``: mean ``KL(full ‖ compressed)`` of next-token distributions and top-1 agreement.
-- ``mean_ci``: mean and the half-width of a two-sided 95 % Student-t confidence interval.
+- ``interval``: mean and a two-sided 95 % confidence interval fitted to the data: Wilson's score interval for 0/1
+  scores (a binomial proportion: never outside [0, 1], sensible at n = 2), Student's t for continuous values, and
+  none for a single value (one sample says nothing about its spread).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-# two-sided 95 % Student-t quantiles for 1..30 degrees of freedom; 1.96 beyond
-_T95 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
+CONFIDENCE = 0.95
 
 
 def string_match_all(prediction: str, references: tuple[str, ...] | list[str]) -> float:
@@ -66,15 +66,49 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     return {"nll": nll, "ppl": math.exp(nll)}
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95 % confidence half-width (Student t; 0 for fewer than 2 values)."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
+IntervalKind = Literal["wilson", "t", "none"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its 95 % confidence interval ``[low, high]`` (NaN when ``kind`` is ``"none"``)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    kind: IntervalKind
+
+    @property
+    def half_width(self) -> float:
+        """The larger distance from the mean to an end of the interval (NaN without an interval)."""
+        return max(self.mean - self.low, self.high - self.mean)
+
+
+def is_binary(values: list[float]) -> bool:
+    """Whether every value is exactly 0 or 1 (a success/failure score)."""
+    return bool(values) and all(v in (0.0, 1.0) for v in values)
+
+
+def interval(values: list[float], binary: bool | None = None) -> Interval:
+    """Mean and 95 % interval of ``values`` (None and NaN dropped): Wilson for 0/1 scores, Student t otherwise,
+    no interval for fewer than two values. ``binary``: whether the values are success/failure outcomes (None: when
+    every value is 0 or 1 — callers that know a metric is continuous, such as a KL that is 0 for the full cache,
+    pass False)."""
+    from scipy import stats
+
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
     n = len(vals)
     if n == 0:
-        return math.nan, math.nan
+        return Interval(math.nan, math.nan, math.nan, 0, "none")
     mean = sum(vals) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
-    return mean, t * sd / math.sqrt(n)
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1, "none")
+    if (binary if binary is not None else is_binary(vals)) and is_binary(vals):
+        ci = stats.binomtest(int(sum(vals)), n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+        return Interval(mean, float(ci.low), float(ci.high), n, "wilson")
+    sem = stats.sem(vals)
+    if sem == 0 or math.isnan(sem):
+        return Interval(mean, mean, mean, n, "t")
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
+    return Interval(mean, float(low), float(high), n, "t")

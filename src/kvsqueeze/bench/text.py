@@ -33,6 +33,17 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def continuation_ids(tokenizer, before: str, after: str) -> list[int]:
+    """Token ids of ``after`` as they follow ``before``'s tokens: ``encode(before + after)`` minus
+    ``encode(before)`` when the latter is its prefix (the tokens a model writes after that prompt), otherwise
+    ``encode(after)`` (a merge across the boundary, which a model continuing ``before``'s tokens cannot write)."""
+    head = encode(tokenizer, before)
+    whole = encode(tokenizer, before + after)
+    if len(whole) > len(head) and whole[: len(head)] == head:
+        return whole[len(head) :]
+    return encode(tokenizer, after)
+
+
 @lru_cache(maxsize=4)
 def _essay_stream(tokenizer) -> tuple[list[int], list[int]]:
     """All essays joined by blank lines, as token ids, and the token index where each essay starts."""

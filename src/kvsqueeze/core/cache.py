@@ -14,7 +14,6 @@ points (``prefill``, ``kvsqueeze.pipeline``), which tokens it holds.
 from __future__ import annotations
 
 import copy
-import numbers
 import time
 import weakref
 
@@ -27,32 +26,8 @@ from kvsqueeze.core.context import AttentionCall
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.core.storage import storage_bytes, storage_keys, tensor_bytes, walk_tensors
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.spec import Method, parse_method
-
-
-def check_budget(method: Method, ratio, budget) -> tuple[float | None, int | None]:
-    """Validated ``(ratio, budget)`` for ``method`` (one-line errors for values that are wrong or never applied)."""
-    if ratio is not None and budget is not None:
-        raise KVSqueezeError("give either ratio or budget, not both")
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) < 1.0:
-            raise KVSqueezeError(f"ratio must be a number in [0, 1) (the fraction of tokens removed), got {ratio!r}")
-        ratio = float(ratio)
-    if budget is not None:
-        integral = isinstance(budget, numbers.Integral) or (isinstance(budget, float) and budget.is_integer())
-        if isinstance(budget, bool) or not integral or int(budget) < 1:
-            raise KVSqueezeError(f"budget must be a whole number of tokens per head >= 1, got {budget!r}")
-        budget = int(budget)
-    schedule_takes_budget = method.schedule.name != "prefill"
-    if not method.evicts and not schedule_takes_budget and (ratio not in (None, 0.0) or budget is not None):
-        given = f"ratio {ratio}" if ratio is not None else f"budget {budget}"
-        raise KVSqueezeError(
-            f"{given} would never be applied: method {method.spec()!r} keeps every token; add a scorer "
-            f"(e.g. 'snapkv+{method.spec()}') or drop the {given.split()[0]}"
-        )
-    if method.evicts and ratio is None and budget is None:
-        ratio = 0.5
-    return ratio, budget
+from kvsqueeze.spec import Method
+from kvsqueeze.validation import parse_method_arg, validate_budget
 
 
 class LayerBinding:
@@ -100,8 +75,10 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model, method: str | Method = "none", ratio: float | None = None, budget: int | None = None):
-        self.method = parse_method(method)
-        self.ratio, self.budget = check_budget(self.method, ratio, budget)
+        self.method = parse_method_arg(method)
+        self.ratio, self.budget = validate_budget(ratio, budget, self.method)
+        if self.method.evicts and self.method.schedule.name == "prefill" and self.ratio is self.budget is None:
+            self.ratio = 0.5  # the documented default
         self.compresses = self.method.evicts or not self.method.codec.is_dense or self.method.schedule.name != "prefill"
         plans = plan_layers(model)
         layers: list[CacheLayerMixin] = []

@@ -129,11 +129,27 @@ def _interp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def save_head_scores(scores: dict, path: Path, **meta) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**meta, **scores}, indent=1))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**meta, **scores}, indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot write the calibration to {path}: {exc.strerror or exc}") from None
     return path
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse (before the ~1 min calibration) an output path that is a directory or cannot be written."""
+    if path.is_dir():
+        raise KVSqueezeError(f"--out {path} is a directory; give a .json file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_suffix(".write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot write the calibration to {path}: {exc.strerror or exc}") from None
 
 
 def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
@@ -141,6 +157,8 @@ def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
     from kvsqueeze.data import essays
     from kvsqueeze.models import load_model
 
+    path = Path(out) if out is not None else heads_path(model)
+    check_output_path(path)
     net, tokenizer = load_model(model)
     text = "\n\n".join(essays()[:4])
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -148,14 +166,27 @@ def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
     scores = head_scores(net, probes)
     natural = [torch.tensor(ids[i * CURVE_TOKENS : (i + 1) * CURVE_TOKENS]) for i in range(2)]
     scores["prefix_curves"] = layer_curves(net, natural)  # PrefixKV's offline layer profile, same pass
-    path = Path(out) if out is not None else heads_path(model)
     return save_head_scores(
         scores, path, model=model or "embedded", probes=len(probes), span=SPAN, num_layers=len(scores["echo"])
     )
 
 
+def _matrix(data: dict, name: str, path: Path) -> list[list[float]]:
+    """``data[name]``: a non-empty rectangular list of lists of numbers (layers × KV heads)."""
+    rows = data.get(name)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+        raise KVSqueezeError(f"{path} is not a head calibration file ({name!r} is not a list of per-layer lists); "
+                             "rerun `kvsqueeze calibrate heads`")  # fmt: skip
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in rows for x in r):
+        raise KVSqueezeError(f"{path}: {name!r} holds non-numbers; rerun `kvsqueeze calibrate heads`")
+    if len({len(r) for r in rows}) != 1:
+        raise KVSqueezeError(f"{path}: {name!r} is ragged (layers with different head counts); rerun the calibration")
+    return rows
+
+
 def load_head_scores(heads: str) -> dict:
-    """Scores from a JSON path, or the cached calibration of a model name ('' = the embedded model)."""
+    """Scores from a JSON path, or the cached calibration of a model name ('' = the embedded model); a damaged file
+    is refused in one line naming the fix."""
     path = Path(heads).expanduser() if heads else None
     if path is None or not path.is_file():
         path = heads_path(heads or None)
@@ -164,9 +195,17 @@ def load_head_scores(heads: str) -> dict:
             f"no retrieval-head calibration for {heads or 'the embedded model'!r}; "
             f"run `kvsqueeze calibrate heads --model {heads or 'embedded'}` or pass heads=PATH.json"
         )
-    data = json.loads(path.read_text())
-    if "echo" not in data or "induction" not in data:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise KVSqueezeError(f"{path} is not valid JSON; delete it and rerun `kvsqueeze calibrate heads`") from None
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict) or "echo" not in data or "induction" not in data:
         raise KVSqueezeError(f"{path} is not a head calibration file; rerun `kvsqueeze calibrate heads`")
+    echo, induction = _matrix(data, "echo", path), _matrix(data, "induction", path)
+    if len(echo) != len(induction) or len(echo[0]) != len(induction[0]):
+        raise KVSqueezeError(f"{path}: 'echo' and 'induction' differ in shape; rerun `kvsqueeze calibrate heads`")
     return data
 
 

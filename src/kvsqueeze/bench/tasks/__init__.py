@@ -27,6 +27,9 @@ GENERATORS: dict[str, Callable[..., list[Sample]]] = {
 }
 OPTIONS = {"niah": niah.VARIANTS}
 TASK_NAMES = (*GENERATORS, "file:PATH.jsonl")
+# Part of every cell key: bump a task's version when its generator changes what a sample means (the sample's
+# content hash, also in the key, catches changed text; this catches e.g. a changed scoring rule for the task).
+TASK_VERSIONS: dict[str, int] = {**dict.fromkeys(GENERATORS, 1), "file": 1}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,21 @@ def default_lengths(task: TaskSpec) -> tuple[int, ...]:
     return longgen.DEFAULT_LENGTHS if task.name == "longgen" else (2048,)
 
 
+def task_version(name: str) -> int:
+    """The generator version of task ``name`` (``file`` for user datasets)."""
+    return TASK_VERSIONS.get(name, 1)
+
+
+def generated_tokens(task: TaskSpec) -> int:
+    """An upper bound of the tokens a sample adds beyond its context length (template, question, answer or
+    continuation): what the model must hold on top of ``--context-length``."""
+    if task.name == "longgen":
+        return longgen.parse_tokens(task.option) + 64
+    if task.name == "multiturn":
+        return multiturn.TURNS * 64
+    return 128
+
+
 def generate(task: TaskSpec, tokenizer, *, samples: int, length: int, seed: int) -> list[Sample]:
     """The samples of one task at one context length."""
     if task.name == "file":
@@ -79,4 +97,15 @@ def generate(task: TaskSpec, tokenizer, *, samples: int, length: int, seed: int)
     return GENERATORS[task.name](tokenizer, samples=samples, length=length, seed=seed, option=task.option)
 
 
-__all__ = ["GENERATORS", "TASK_NAMES", "Question", "Sample", "TaskSpec", "default_lengths", "generate", "parse_tasks"]
+__all__ = [
+    "GENERATORS",
+    "TASK_NAMES",
+    "Question",
+    "Sample",
+    "TaskSpec",
+    "default_lengths",
+    "generate",
+    "generated_tokens",
+    "parse_tasks",
+    "task_version",
+]

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Kind = Literal["qa", "continuation", "multiturn", "speed", "longgen"]
+OPENERS = "\"'“‘«([{<`"  # an answer right after one of these starts without a space
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,14 @@ class Question:
 
     @property
     def gold(self) -> str:
-        """The reference continuation whose log-likelihood is reported."""
-        return " " + ", ".join(self.answers)
+        """The reference continuation whose log-likelihood is reported, as it follows ``answer_prefix``: after
+        "… is" it is " oyster", after '… is "' or "… is " (or no prefix at all) it is "oyster" — the text a correct
+        answer would be, so the full cache's log-likelihood scores what the model writes."""
+        joined = ", ".join(self.answers)
+        last = self.answer_prefix[-1:]
+        if not last or last.isspace() or last in OPENERS:
+            return joined
+        return " " + joined
 
 
 @dataclass(frozen=True)

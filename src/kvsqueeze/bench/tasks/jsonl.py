@@ -2,6 +2,10 @@
 ``question``, ``answer`` (a string, or a list of strings that must all appear) and optional ``answer_prefix``
 and ``max_new_tokens`` (default 32). Score: fraction of the expected strings found in the output
 (case-insensitive), plus the gold log-likelihood. ``--samples`` takes the first N lines.
+
+The file must be UTF-8; every problem (encoding, JSON, a missing or mistyped field) is reported as one line naming
+the line number and the fix. Rows are named ``file:NAME`` after the file's name; the runner keys each sample on
+its content, so a moved or renamed file is the same dataset.
 """
 
 from __future__ import annotations
@@ -16,16 +20,31 @@ from kvsqueeze.errors import KVSqueezeError
 def load(path: str | Path) -> list[dict]:
     """Read and validate every line (errors name the line and the fix)."""
     path = Path(path)
+    if path.is_dir():
+        raise KVSqueezeError(f"{path} is a directory; give --task file:PATH.jsonl with a JSONL file")
     if not path.is_file():
         raise KVSqueezeError(f"dataset file not found: {path}; give --task file:PATH.jsonl with an existing file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot read {path}: {exc.strerror or exc}") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise KVSqueezeError(
+                f"{path}:{n}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as "
+                "UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`"
+            ) from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise KVSqueezeError(f"{path}:{n}: not valid JSON ({exc.msg}); write one JSON object per line") from None
+        except RecursionError:
+            raise KVSqueezeError(f"{path}:{n}: JSON nested too deeply; write one flat JSON object per line") from None
         if not isinstance(row, dict):
             raise KVSqueezeError(f"{path}:{n}: expected a JSON object with context, question, answer")
         for key in ("context", "question"):
@@ -51,6 +70,6 @@ def generate(path: str, *, samples: int) -> list[Sample]:
     out = []
     for row in load(path)[:samples]:
         q = Question(row["question"], tuple(row["answer"]), row.get("answer_prefix", ""), row["max_new_tokens"])
-        out.append(Sample(f"file:{path}", f"line{row['line']:05d}", "qa", row["context"], (q,),
+        out.append(Sample(f"file:{Path(path).name}", f"line{row['line']:05d}", "qa", row["context"], (q,),
                           meta={"length": None, "depth": None, "line": row["line"]}))  # fmt: skip
     return out
