@@ -24,7 +24,8 @@ def test_batched_rows_equal_single_rows(kind):
     def caches():
         out = []
         for method, ratio in CELLS:
-            ratio = ratio if ratio is not None or not parse_method(method).evicts else 0.5
+            spec = parse_method(method)
+            ratio = ratio if ratio is not None or not spec.evicts or spec.schedule.name != "prefill" else 0.5
             out.append(build_cache(model, prefill, method, ratio))
         return out
 

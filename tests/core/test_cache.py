@@ -163,7 +163,7 @@ def test_ratio_zero_keeps_everything_and_matches_the_full_cache_exactly(llama):
         ({"method": "snapkv", "ratio": 1.0}, "ratio must be"),
         ({"method": "snapkv", "ratio": -0.1}, "ratio must be"),
         ({"method": "snapkv", "budget": 0}, "budget must be"),
-        ({"method": "snapkv", "ratio": 0.5, "budget": 3}, "either ratio or budget"),
+        ({"method": "snapkv", "ratio": 0.5, "budget": 3}, "either a ratio or a budget"),
         ({"method": "nope"}, "unknown method component 'nope'"),
     ],
 )
