@@ -1,9 +1,15 @@
 """kvsqueeze: compress the key/value cache of Hugging Face causal language models."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
 from kvsqueeze.spec import parse_method, registry
 
-__all__ = ["CompressedCache", "KVSqueezeError", "load_model", "parse_method", "registry"]
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only
+    __version__ = version("kvsqueeze")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
+__all__ = ["CompressedCache", "KVSqueezeError", "__version__", "load_model", "parse_method", "registry"]

@@ -79,8 +79,10 @@ def add_commands(app: typer.Typer) -> None:
                 run_sweep,
             )
             from kvsqueeze.bench.tasks import parse_tasks
+            from kvsqueeze.extras import require
             from kvsqueeze.models import parse_dtype
 
+            require("kvsqueeze bench", "matplotlib")
             parse_dtype(dtype)
             if threads < 0:
                 raise KVSqueezeError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
@@ -120,7 +122,9 @@ def add_commands(app: typer.Typer) -> None:
     def report(run_dir: Annotated[Path, typer.Argument(help="a --out directory of `kvsqueeze bench`")]) -> None:
         """Re-render summary.csv, summary.md and the plots from RUN_DIR/results.jsonl."""
         from kvsqueeze.bench.report import render
+        from kvsqueeze.extras import require
 
+        _user_errors(lambda: require("kvsqueeze report", "matplotlib"))
         for path in _user_errors(lambda: render(run_dir)):
             print(path)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.progress import NO_PROGRESS, Steps
 
 PROBES = 8
 SPAN = 128
@@ -58,7 +59,7 @@ def make_probes(token_ids: list[int], n_probes: int = PROBES, span: int = SPAN, 
 
 
 @torch.no_grad()
-def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]]]:
+def head_scores(model, probes: list[torch.Tensor], progress: Steps = NO_PROGRESS) -> dict[str, list[list[float]]]:
     """Echo and induction scores per layer and KV head: ``{"echo": [[...]], "induction": [[...]]}``."""
     config = model.config.get_text_config()
     n_kv = config.num_key_value_heads
@@ -86,6 +87,7 @@ def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]
             echo = hit_echo if echo is None else echo + hit_echo
             induction = hit_ind if induction is None else induction + hit_ind
             semantic = hit_sem if semantic is None else semantic + hit_sem
+            progress.advance()
     finally:
         model.set_attn_implementation(previous)
     L, Hq = echo.shape
@@ -95,7 +97,9 @@ def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]
 
 
 @torch.no_grad()
-def layer_curves(model, texts: list[torch.Tensor], window: int = 32, points: int = CURVE_POINTS) -> list[list[float]]:
+def layer_curves(
+    model, texts: list[torch.Tensor], window: int = 32, points: int = CURVE_POINTS, progress: Steps = NO_PROGRESS
+) -> list[list[float]]:
     """PrefixKV's per-layer importance profile (Lorenz curve): for retention fractions ``0, 1/(points-1), …, 1``
     of the context (observation window excluded), the share of the layer's attention mass the most important
     tokens hold. Importance = attention of the last ``window`` queries, summed, averaged over heads."""
@@ -115,6 +119,7 @@ def layer_curves(model, texts: list[torch.Tensor], window: int = 32, points: int
                 curves.append(_interp(grid * (share.numel() - 1), share))
             curves = torch.stack(curves)
             total = curves if total is None else total + curves
+            progress.advance()
     finally:
         model.set_attn_implementation(previous)
     return (total / len(texts)).tolist()
@@ -129,14 +134,13 @@ def _interp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def save_head_scores(scores: dict, path: Path, **meta) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**meta, **scores}, indent=1))
-    tmp.replace(path)
+    from kvsqueeze.codecs.calibration import write_json
+
+    write_json(path, {**meta, **scores})
     return path
 
 
-def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
+def calibrate_heads(model: str | None, out: Path | None = None, progress: Steps = NO_PROGRESS) -> Path:
     """Score every KV head of ``model`` (None = embedded SmolLM2) on copy probes; write and return the JSON path."""
     from kvsqueeze.data import essays
     from kvsqueeze.models import load_model
@@ -145,9 +149,10 @@ def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
     text = "\n\n".join(essays()[:4])
     ids = tokenizer(text, add_special_tokens=False).input_ids
     probes = make_probes(ids)
-    scores = head_scores(net, probes)
     natural = [torch.tensor(ids[i * CURVE_TOKENS : (i + 1) * CURVE_TOKENS]) for i in range(2)]
-    scores["prefix_curves"] = layer_curves(net, natural)  # PrefixKV's offline layer profile, same pass
+    progress.start("heads: copy probes and layer profiles", len(probes) + len(natural))
+    scores = head_scores(net, probes, progress)
+    scores["prefix_curves"] = layer_curves(net, natural, progress=progress)  # PrefixKV's offline layer profile
     path = Path(out) if out is not None else heads_path(model)
     return save_head_scores(
         scores, path, model=model or "embedded", probes=len(probes), span=SPAN, num_layers=len(scores["echo"])
