@@ -59,37 +59,52 @@ def make_probes(token_ids: list[int], n_probes: int = PROBES, span: int = SPAN, 
 
 
 @torch.no_grad()
+def tail_attentions(model, ids: torch.Tensor, tail: int) -> tuple[torch.Tensor, ...]:
+    """Attention weights ``[Hq, tail, L]`` per layer of the last ``tail`` queries of ``ids [L]`` over all keys.
+
+    The first ``L - tail`` tokens are prefilled with the model's own attention (no ``L × L`` weights kept); only the
+    tail runs eagerly with ``output_attentions`` over that cache: the same rows a full eager pass gives. A
+    sliding-window layer's cache holds only its window: the keys before it (weight 0 in a full pass) are padded."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if ids.shape[0] > tail:
+        model(input_ids=ids[None, :-tail], past_key_values=cache, use_cache=True)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights are needed
+    try:
+        out = model(input_ids=ids[None, -tail:], past_key_values=cache, use_cache=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    length = ids.shape[0]
+    return tuple(torch.nn.functional.pad(a[0], (length - a.shape[-1], 0)) for a in out.attentions)
+
+
+@torch.no_grad()
 def head_scores(model, probes: list[torch.Tensor], progress: Steps = NO_PROGRESS) -> dict[str, list[list[float]]]:
     """Echo and induction scores per layer and KV head: ``{"echo": [[...]], "induction": [[...]]}``."""
     config = model.config.get_text_config()
     n_kv = config.num_key_value_heads
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # attention weights are needed
-    try:
-        echo = induction = semantic = None
-        for probe in probes:
-            S = probe.shape[0] // 2
-            out = model(input_ids=probe[None], output_attentions=True, use_cache=False)
-            att = torch.stack([a[0].float() for a in out.attentions])  # [layers, Hq, 2S, 2S]
-            rows = torch.arange(S, 2 * S)
-            att = att[:, :, rows, :]  # queries of the second copy
-            visible = torch.arange(2 * S)[None, :] < rows[:, None]  # strictly earlier tokens
-            top = att.masked_fill(~visible, -1.0).argmax(-1)  # [layers, Hq, S]
-            j = rows - S
-            hit_echo = (top == j).float().mean(-1)
-            hit_ind = (top[..., :-1] == (j + 1)[:-1]).float().mean(-1)
-            # CompressKV's semantic retrieval: share of the head's top-k attention that lands on the copied token
-            # or its neighbourhood (the surrounding context), not only on the exact token
-            k = min(SEMANTIC_TOP_K, S)
-            top_k = att.masked_fill(~visible, -1.0).topk(k, dim=-1).indices  # [layers, Hq, S, k]
-            near = ((top_k - (j + 1)[:, None]).abs() <= SEMANTIC_RADIUS).float().mean(-1)
-            hit_sem = near[..., :-1].mean(-1)
-            echo = hit_echo if echo is None else echo + hit_echo
-            induction = hit_ind if induction is None else induction + hit_ind
-            semantic = hit_sem if semantic is None else semantic + hit_sem
-            progress.advance()
-    finally:
-        model.set_attn_implementation(previous)
+    echo = induction = semantic = None
+    for probe in probes:
+        S = probe.shape[0] // 2
+        att = torch.stack([a.float() for a in tail_attentions(model, probe, S)])  # queries of the second copy
+        rows = torch.arange(S, 2 * S)
+        visible = torch.arange(2 * S)[None, :] < rows[:, None]  # strictly earlier tokens
+        top = att.masked_fill(~visible, -1.0).argmax(-1)  # [layers, Hq, S]
+        j = rows - S
+        hit_echo = (top == j).float().mean(-1)
+        hit_ind = (top[..., :-1] == (j + 1)[:-1]).float().mean(-1)
+        # CompressKV's semantic retrieval: share of the head's top-k attention that lands on the copied token
+        # or its neighbourhood (the surrounding context), not only on the exact token
+        k = min(SEMANTIC_TOP_K, S)
+        top_k = att.masked_fill(~visible, -1.0).topk(k, dim=-1).indices  # [layers, Hq, S, k]
+        near = ((top_k - (j + 1)[:, None]).abs() <= SEMANTIC_RADIUS).float().mean(-1)
+        hit_sem = near[..., :-1].mean(-1)
+        echo = hit_echo if echo is None else echo + hit_echo
+        induction = hit_ind if induction is None else induction + hit_ind
+        semantic = hit_sem if semantic is None else semantic + hit_sem
+        progress.advance()
     L, Hq = echo.shape
     group = Hq // n_kv
     per_kv = lambda x: (x / len(probes)).view(L, n_kv, group).amax(-1).tolist()  # noqa: E731
@@ -103,25 +118,19 @@ def layer_curves(
     """PrefixKV's per-layer importance profile (Lorenz curve): for retention fractions ``0, 1/(points-1), …, 1``
     of the context (observation window excluded), the share of the layer's attention mass the most important
     tokens hold. Importance = attention of the last ``window`` queries, summed, averaged over heads."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
     grid = torch.linspace(0, 1, points)
-    try:
-        total = None
-        for ids in texts:
-            out = model(input_ids=ids[None], output_attentions=True, use_cache=False)
-            curves = []
-            for att in out.attentions:  # [1, Hq, L, L]
-                L = att.shape[-1]
-                votes = att[0, :, -window:, : L - window].float().sum(1).mean(0)  # [L - window]
-                share = torch.sort(votes, descending=True).values.cumsum(0) / votes.sum().clamp(min=1e-30)
-                share = torch.cat([torch.zeros(1), share])  # share(0 tokens) = 0
-                curves.append(_interp(grid * (share.numel() - 1), share))
-            curves = torch.stack(curves)
-            total = curves if total is None else total + curves
-            progress.advance()
-    finally:
-        model.set_attn_implementation(previous)
+    total = None
+    for ids in texts:
+        curves = []
+        for att in tail_attentions(model, ids, window):  # [Hq, window, L]
+            L = att.shape[-1]
+            votes = att[:, :, : L - window].float().sum(1).mean(0)  # [L - window]
+            share = torch.sort(votes, descending=True).values.cumsum(0) / votes.sum().clamp(min=1e-30)
+            share = torch.cat([torch.zeros(1), share])  # share(0 tokens) = 0
+            curves.append(_interp(grid * (share.numel() - 1), share))
+        curves = torch.stack(curves)
+        total = curves if total is None else total + curves
+        progress.advance()
     return (total / len(texts)).tolist()
 
 
