@@ -84,8 +84,8 @@ def test_bad_dataset_specs_are_one_line_errors(task, message):
 
 def test_a_row_outside_the_schema_names_the_row_and_field(tmp_path):
     bad = tmp_path / "lb.jsonl"
-    bad.write_text(json.dumps({"input": "q", "context": "c", "answers": "a", "dataset": "hotpotqa"}) + "\n"
-                   + json.dumps({"input": "q", "context": 3, "answers": ["a"], "dataset": "hotpotqa"}) + "\n")  # fmt: skip
+    good = {"input": "q", "context": "c", "answers": "a", "dataset": "hotpotqa"}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "context": 3}) + "\n")
     with pytest.raises(KVSqueezeError, match=r"row 2: field 'context' must be a str"):
         parse_tasks(f"longbench:{bad}")
 
