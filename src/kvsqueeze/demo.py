@@ -5,8 +5,10 @@
 
 The needle is a *word* (a made-up password): SmolLM2 copies numbers digit by digit through induction heads that
 the question never attends to, so a number needle measures that quirk more than retrieval (DESIGN.md). The
-default ratio and context length were chosen by measurement so that the table shows what compression really
-keeps and loses on this model; ``kvsqueeze bench`` measures it properly (many samples, depths, ratios).
+sample runs through the benchmark's evaluator (``kvsqueeze.bench.evaluate``): one exact prefill per mode, each
+method compressed from it, greedy decoding after the answer prefix; bytes are the storage each cache holds.
+The default ratio and context length were chosen by measurement so that the table shows what compression
+really keeps and loses on this model; ``kvsqueeze bench`` measures it properly (many samples, depths, ratios).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvsqueeze.data import haystack, insert_needle
-from kvsqueeze.pipeline import answer
 
 NEEDLE = "The password to the old lighthouse is marmalade."
-QUESTION = "What is the password to the old lighthouse? Answer with one word."
+QUESTION = "What is the password to the old lighthouse?"
+ANSWER_PREFIX = "The password to the old lighthouse is"
 EXPECTED = "marmalade"
 # one eviction method, one eviction + 4-bit codec composite; a retrieval (tier) method joins this list once the
 # tier axis has one (it keeps every token and fetches per step, so it belongs beside these two)
@@ -45,33 +47,37 @@ def run_demo(
     model,
     tokenizer,
     *,
-    context_tokens: int = 2000,
+    context_tokens: int = 1000,
     ratio: float = 0.5,
     methods: tuple[str, ...] | list[str] = DEMO_METHODS,
     depth: float = 0.5,
-    max_new_tokens: int = 12,
+    max_new_tokens: int = 8,
     on_step: Callable[[str], None] | None = None,
 ) -> list[DemoRow]:
     """The demo's rows: the full cache first, then every method in each mode."""
+    from kvsqueeze.bench.evaluate import Cell, SampleEvaluator
+    from kvsqueeze.bench.tasks.base import Question, Sample
+    from kvsqueeze.spec import parse_method
+
     context = insert_needle(haystack(tokenizer, context_tokens), NEEDLE, depth=depth)
-    plan = [("", "none")] + [(mode, spec) for mode in MODES for spec in methods]
+    question = Question(QUESTION, (EXPECTED,), ANSWER_PREFIX, max_new_tokens=max_new_tokens)
+    sample = Sample("demo", "0", "qa", context, (question,))
+    plan = [("", Cell("none", None))] + [(m, Cell(parse_method(s).spec(), ratio)) for m in MODES for s in methods]
+    evaluators = {mode: SampleEvaluator(model, tokenizer, sample, query_aware=mode == "query-aware") for mode in MODES}
     rows = []
-    for mode, spec in plan:
+    for mode, cell in plan:
         if on_step is not None:
-            on_step(f"{spec} ({mode})" if mode else "full cache")
-        result = answer(
-            model, tokenizer, spec, context, QUESTION, ratio=None if spec == "none" else ratio,
-            query_aware=mode == "query-aware", max_new_tokens=max_new_tokens,
-        )  # fmt: skip
+            on_step(f"{cell.method} ({mode})" if mode else "full cache")
+        result = evaluators[mode or MODES[0]].run(cell)
         rows.append(
             DemoRow(
                 mode=mode,
-                method="full cache" if spec == "none" else spec,
-                answer=" ".join(result.text.split()),
-                correct=EXPECTED in result.text.lower(),
-                cache_bytes=result.cache_bytes,
-                full_cache_bytes=result.full_cache_bytes,
-                tokens_per_second=result.decode_tokens_per_second,
+                method="full cache" if cell.method == "none" else cell.method,
+                answer=" ".join(str(result["output"]).split()),
+                correct=result["scores"]["score"] == 1.0,
+                cache_bytes=int(result["cache_bytes"]),
+                full_cache_bytes=int(result["full_bytes"]),
+                tokens_per_second=float(result["decode_tokens_per_second"] or 0.0),
             )
         )
     return rows
