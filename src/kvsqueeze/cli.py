@@ -25,7 +25,7 @@ from rich.table import Table
 
 from kvsqueeze.errors import KVSqueezeError
 
-DEMO_CONTEXT_TOKENS = 2000  # chosen by measurement (see kvsqueeze.demo)
+DEMO_CONTEXT_TOKENS = 1000  # chosen by measurement (see kvsqueeze.demo)
 DEMO_RATIO = 0.5
 
 app = typer.Typer(help="Compress the KV cache of Hugging Face causal LMs.", no_args_is_help=True, add_completion=False)

@@ -3,9 +3,9 @@
 - query-agnostic: the context alone is compressed (before the question is known), then the question is asked;
 - query-aware: the whole prompt, question included, is compressed (what SnapKV's paper evaluates).
 
-The needle is a *word* (a made-up password): SmolLM2 copies numbers digit by digit through induction heads that
-the question never attends to, so a number needle measures that quirk more than retrieval (DESIGN.md). The
-sample runs through the benchmark's evaluator (``kvsqueeze.bench.evaluate``): one exact prefill per mode, each
+The needle is a *word* (RULER's "special magic word" sentence with a made-up value): SmolLM2 copies numbers
+digit by digit through induction heads that the question never attends to, so a number needle measures that quirk
+more than retrieval (DESIGN.md). The sample runs through the benchmark's evaluator (``kvsqueeze.bench.evaluate``): one exact prefill per mode, each
 method compressed from it, greedy decoding after the answer prefix; bytes are the storage each cache holds.
 The default ratio and context length were chosen by measurement so that the table shows what compression
 really keeps and loses on this model; ``kvsqueeze bench`` measures it properly (many samples, depths, ratios).
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from kvsqueeze.data import haystack, insert_needle
 
-NEEDLE = "The password to the old lighthouse is marmalade."
-QUESTION = "What is the password to the old lighthouse?"
-ANSWER_PREFIX = "The password to the old lighthouse is"
+# RULER's needle wording (the niah task's), with a made-up word as the value
+NEEDLE = "One of the special magic words for the old lighthouse is: marmalade."
+QUESTION = "What is the special magic word for the old lighthouse mentioned in the provided text?"
+ANSWER_PREFIX = "The special magic word for the old lighthouse mentioned in the provided text is"
 EXPECTED = "marmalade"
 # one eviction method, one eviction + 4-bit codec composite; a retrieval (tier) method joins this list once the
 # tier axis has one (it keeps every token and fetches per step, so it belongs beside these two)
