@@ -5,8 +5,9 @@
 
 The needle is a *word* (RULER's "special magic word" sentence with a made-up value): SmolLM2 copies numbers
 digit by digit through induction heads that the question never attends to, so a number needle measures that quirk
-more than retrieval (DESIGN.md). The sample runs through the benchmark's evaluator (``kvsqueeze.bench.evaluate``): one exact prefill per mode, each
-method compressed from it, greedy decoding after the answer prefix; bytes are the storage each cache holds.
+more than retrieval (DESIGN.md). The sample runs through the benchmark's evaluator (``kvsqueeze.bench.evaluate``):
+one exact prefill per mode, each method compressed from it, greedy decoding after the answer prefix; bytes are the
+storage each cache holds.
 The default ratio and context length were chosen by measurement so that the table shows what compression
 really keeps and loses on this model; ``kvsqueeze bench`` measures it properly (many samples, depths, ratios).
 """
