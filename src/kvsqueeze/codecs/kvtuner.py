@@ -114,7 +114,7 @@ def search(
 
     ids = calibration_ids(model, tokenizer, n_tokens + probe)
     if ids.shape[1] < 2 * probe:
-        raise KVSqueezeError("calibration text too short; install the essays (`make install`)")
+        raise KVSqueezeError("calibration text too short; install the essays (`kvsqueeze assets install`)")
     ctx_ids, probe_ids = ids[:, :-probe], ids[:, -probe:]
     base = CompressedCache(model, "none")
     with torch.no_grad():
