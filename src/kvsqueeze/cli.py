@@ -202,7 +202,7 @@ def demo(
             f"{row.tokens_per_second:.1f}",
         )
     out.print(table)
-    out.print(
+    print(
         "One sample at one depth is an anecdote: measure methods × ratios over many samples with "
         "`kvsqueeze bench --task niah --methods snapkv,snapkv+kivi:bits=4 --ratios 0.25,0.5,0.75` (see README)."
     )
