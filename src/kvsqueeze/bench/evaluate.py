@@ -201,6 +201,8 @@ class SampleEvaluator:
         def done(tokens: list[int]) -> bool:  # the score can no longer change once every answer is out
             return scoring.all_found(self.tokenizer.decode(tokens, skip_special_tokens=True), q.answers)
 
+        if q.metric not in ("all", "part"):  # F1, ROUGE …: more text changes the score; decode as the benchmark does
+            return lambda tokens: False
         return done
 
     def _qa_row(self, gold: torch.Tensor, out: Decoded) -> dict:
@@ -208,7 +210,7 @@ class SampleEvaluator:
         scores = scoring.gold_loglik(gold, self.gold_ids[0])
         scores.update({f"{k}_gold": v for k, v in scoring.fidelity(self.reference(), gold).items()})
         text = self.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
-        scores["score"] = scoring.match(text, q.answers, q.metric)
+        scores["score"] = scoring.match(text, q.answers, q.metric, q.choices)
         return {
             "scores": scores,
             "output": text,
@@ -316,7 +318,7 @@ class SampleEvaluator:
                 forward(self.model, cache, torch.tensor([[out.tokens[-1]]]), keep=1)
             in_cache = text + answer
             messages.append({"role": "assistant", "content": q.answer_prefix + answer})
-            turns.append({"score": scoring.match(answer, q.answers, q.metric), **ll})
+            turns.append({"score": scoring.match(answer, q.answers, q.metric, q.choices), **ll})
             outputs.append(answer.strip())
             decode_s += out.seconds
             steps += out.steps
@@ -373,7 +375,7 @@ class SampleEvaluator:
         stats = cache.stats()
         text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
         return {
-            "scores": {"score": scoring.match(text, q.answers, q.metric)},
+            "scores": {"score": scoring.match(text, q.answers, q.metric, q.choices)},
             "output": text.strip(),
             "expected": list(q.answers),
             "prefill_seconds": prefill,

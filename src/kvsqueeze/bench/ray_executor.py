@@ -36,7 +36,9 @@ class RayExecutor:
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise KVSqueezeError("--executor ray needs Ray: pip install ray (or use --executor local)") from None
+            raise KVSqueezeError(
+                "--executor ray needs the 'ray' extra: pip install 'kvsqueeze[ray]' (or use --executor local)"
+            ) from None
         self.provider_factory = provider_factory
         self.num_workers = num_workers
         self.init_kwargs = init_kwargs or {}

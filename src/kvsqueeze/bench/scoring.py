@@ -30,8 +30,16 @@ def string_match_part(prediction: str, references: tuple[str, ...] | list[str]) 
     return float(any(ref.lower() in pred for ref in references))
 
 
-def match(prediction: str, references, metric: str = "all") -> float:
-    return string_match_all(prediction, references) if metric == "all" else string_match_part(prediction, references)
+def match(prediction: str, references, metric: str = "all", choices: tuple[str, ...] = ()) -> float:
+    """Score an output: RULER's ``all`` / ``part`` string match, or a benchmark's own metric by name
+    (``longbench:…``, ``infinitebench:…``; see :mod:`kvsqueeze.bench.metrics`)."""
+    if metric == "all":
+        return string_match_all(prediction, references)
+    if metric == "part":
+        return string_match_part(prediction, references)
+    from kvsqueeze.bench.metrics import score
+
+    return score(metric, prediction, tuple(references), tuple(choices))
 
 
 def all_found(prediction: str, references) -> bool:

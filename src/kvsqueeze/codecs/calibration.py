@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.data import essays
+from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import cache_dir
 
 
@@ -53,3 +54,20 @@ def cached(model, kind: str, params: dict, compute: Callable[[], dict]) -> dict:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
     return result
+
+
+def calibration_dir(model) -> Path:
+    """The folder where a model's calibration files are written by default."""
+    return cache_dir() / "calibration" / model_key(model)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically; an unwritable place is a one-line error naming the fix."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot write {path} ({exc.strerror or exc}); give --out a writable path") from None

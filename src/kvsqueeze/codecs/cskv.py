@@ -231,7 +231,7 @@ def fit_cskv(model, tokenizer=None, n_tokens: int = 2048, out: str | Path | None
         return path
     ids = calibration_ids(model, tokenizer, n_tokens)
     if ids.shape[1] < 16:
-        raise KVSqueezeError("calibration text too short; install the essays (`make install`)")
+        raise KVSqueezeError("calibration text too short; install the essays (`kvsqueeze assets install`)")
     data = fit_bases(model, ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -46,6 +46,7 @@ from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.packing import pack, unpack
 from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.progress import NO_PROGRESS, Steps
 from kvsqueeze.spec import register
 
 CALIBRATED_BITS = (2, 3, 4)
@@ -338,7 +339,9 @@ def _normalized(x: torch.Tensor, g: torch.Tensor, fraction: float) -> tuple[torc
     return norm[~out], weight[~out]
 
 
-def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float = 0.01) -> dict:
+def fit_kvquant(
+    model, tokenizer=None, *, n_tokens: int = 512, outliers: float = 0.01, progress: Steps = NO_PROGRESS
+) -> dict:
     """KVQuant calibration: Fisher-weighted nuq2/3/4 datatypes per layer for pre-RoPE keys and for values."""
     from transformers import DynamicCache
 
@@ -355,6 +358,11 @@ def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float =
             grabbed[layer_idx] = (key_states, value_states)
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    n_fit = (
+        sum(1 for t in types if t == "full_attention") if types else model.config.get_text_config().num_hidden_layers
+    )
+    progress.start("kvquant: Fisher weights and nuq datatypes", 1 + n_fit)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -366,6 +374,7 @@ def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float =
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
+    progress.advance()
     inv = torch.tensor(inv_freq, dtype=torch.float64)
     layers: dict[str, dict] = {}
     for idx, (k, v) in sorted(grabbed.items()):
@@ -382,6 +391,7 @@ def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float =
             str(b): {"keys": weighted_kmeans(kn, kw, 1 << b), "values": weighted_kmeans(vn, vw, 1 << b)}
             for b in CALIBRATED_BITS
         }
+        progress.advance()
     return {
         "method": "kvquant",
         "paper": "arXiv 2401.18079",
@@ -392,17 +402,25 @@ def fit_kvquant(model, tokenizer=None, *, n_tokens: int = 512, outliers: float =
     }
 
 
-def calibrate_kvquant(model: str | None, out: Path, dtype: str = "float32", n_tokens: int = 512) -> Path:
-    """Calibrate KVQuant's nuq datatypes for a model (cached per model) and write the configuration JSON."""
-    from kvsqueeze.codecs.calibration import cached
+def calibrate_kvquant(
+    model: str | None,
+    out: Path | None = None,
+    dtype: str = "float32",
+    n_tokens: int = 512,
+    progress: Steps = NO_PROGRESS,
+) -> Path:
+    """Calibrate KVQuant's nuq datatypes for a model (cached per model) and write the configuration JSON to ``out``
+    (default: ``kvquant.json`` in the model's calibration folder of the cache directory); return the path."""
+    from kvsqueeze.codecs.calibration import cached, calibration_dir, write_json
     from kvsqueeze.models import load_model
 
+    if n_tokens < 16:
+        raise KVSqueezeError(f"--tokens must be at least 16 for a kvquant calibration, got {n_tokens}")
     net, tokenizer = load_model(model, dtype)
     config = cached(net, "kvquant", {"dtype": dtype, "n_tokens": n_tokens}, lambda: fit_kvquant(net, tokenizer,
-                    n_tokens=n_tokens))  # fmt: skip
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(config, indent=1))
+                    n_tokens=n_tokens, progress=progress))  # fmt: skip
+    out = Path(out) if out is not None else calibration_dir(net) / "kvquant.json"
+    write_json(out, config)
     return out
 
 

@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.codecs.base import Codec
-from kvsqueeze.codecs.calibration import cached, calibration_ids, model_key
+from kvsqueeze.codecs.calibration import cached, calibration_dir, calibration_ids, model_key, write_json
 from kvsqueeze.codecs.quant import ChannelQ, QuantBlock, TokenQ
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.progress import NO_PROGRESS, Steps
 from kvsqueeze.spec import register
 
 CANDIDATES: tuple[tuple[int, int], ...] = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
@@ -109,17 +110,19 @@ def search(
     clusters: int = 4,
     group: int = 32,
     candidates: tuple[tuple[int, int], ...] = CANDIDATES,
+    progress: Steps = NO_PROGRESS,
 ) -> dict:
     """Run KVTuner's calibration on ``model`` and return the configuration (JSON-serializable)."""
     ids = calibration_ids(model, tokenizer, n_tokens + probe)
     if ids.shape[1] < 2 * probe:
-        raise KVSqueezeError("calibration text too short; install the essays (`make install`)")
+        raise KVSqueezeError("calibration text too short; install the essays (`kvsqueeze assets install`)")
     ctx_ids, probe_ids = ids[:, :-probe], ids[:, -probe:]
     base = CompressedCache(model, "none")
     with torch.no_grad():
         model(ctx_ids, past_key_values=base, use_cache=True)
         ref_logp = torch.log_softmax(model(probe_ids, past_key_values=base.fork()).logits.float(), -1)
     layer_ids = [i for i, layer in enumerate(base.layers) if isinstance(layer, CompressedLayer)]
+    progress.start("kvtuner: layer sensitivity", len(layer_ids) * len(candidates) + 1)
     errors: list[list[float]] = []
     for idx in layer_ids:
         row = []
@@ -127,6 +130,7 @@ def search(
             trial = base.fork()
             _quantize_layer(trial, idx, kb, vb, group)
             row.append(max(_probe_kl(model, trial, probe_ids, ref_logp), 0.0))
+            progress.advance()
         errors.append(row)
     pair_bits = [(kb + vb) / 2 for kb, vb in candidates]
     pruned = []  # intra-layer pruning: candidates a layer may use
@@ -154,6 +158,7 @@ def search(
     for layer, (kb, vb) in pairs.items():
         _quantize_layer(trial, int(layer), kb, vb, group)
     measured = _probe_kl(model, trial, probe_ids, ref_logp)
+    progress.advance()
     return {
         "method": "kvtuner",
         "paper": "arXiv 2502.04420",
@@ -173,20 +178,29 @@ def search(
     }
 
 
-def calibrate_kvtuner(model: str | None, out: Path, dtype: str = "float32", **params) -> Path:
-    """Calibrate KVTuner for ``model`` (None = embedded SmolLM2), cache the result per model, write ``out``."""
+def calibrate_kvtuner(
+    model: str | None, out: Path | None = None, dtype: str = "float32", progress: Steps = NO_PROGRESS, **params
+) -> Path:
+    """Calibrate KVTuner for ``model`` (None = embedded SmolLM2), cache the result per model and write it to ``out``
+    (default: ``kvtuner.json`` in the model's calibration folder of the cache directory); return the path."""
     from kvsqueeze.models import load_model
 
     net, tokenizer = load_model(model, dtype)
     effective = {
-        name: p.default for name, p in inspect.signature(search).parameters.items() if p.kind is p.KEYWORD_ONLY
+        name: p.default
+        for name, p in inspect.signature(search).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name != "progress"
     }
+    unknown = sorted(set(params) - set(effective))
+    if unknown:
+        raise KVSqueezeError(
+            f"unknown kvtuner calibration parameter(s) {', '.join(unknown)}; valid: {', '.join(effective)}"
+        )
     effective.update(params)
     key = {"dtype": dtype, **{k: [list(c) for c in v] if k == "candidates" else v for k, v in effective.items()}}
-    config = cached(net, "kvtuner", key, lambda: search(net, tokenizer, **params))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(config, indent=1))
+    config = cached(net, "kvtuner", key, lambda: search(net, tokenizer, progress=progress, **params))
+    out = Path(out) if out is not None else calibration_dir(net) / "kvtuner.json"
+    write_json(out, config)
     return out
 
 

@@ -24,8 +24,13 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
+from kvsqueeze.codecs.calibration import write_json
+from kvsqueeze.data import essays
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import EMBEDDED_NAME, cache_dir, load_model
+from kvsqueeze.progress import NO_PROGRESS, Steps
 
 PROBES = 8
 SPAN = 128
@@ -37,7 +42,6 @@ CURVE_TOKENS = 1024
 
 def heads_path(model: str | None) -> Path:
     """Where the calibration of ``model`` (None = the embedded model) is cached."""
-    from kvsqueeze.models import EMBEDDED_NAME, cache_dir
 
     key = EMBEDDED_NAME if model in (None, "", "embedded", "default") else str(model)
     key = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_")
@@ -58,36 +62,51 @@ def make_probes(token_ids: list[int], n_probes: int = PROBES, span: int = SPAN, 
 
 
 @torch.no_grad()
-def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]]]:
-    """Echo and induction scores per layer and KV head: ``{"echo": [[...]], "induction": [[...]]}``."""
-    config = model.config.get_text_config()
-    n_kv = config.num_key_value_heads
+def tail_attentions(model, ids: torch.Tensor, tail: int) -> tuple[torch.Tensor, ...]:
+    """Attention weights ``[Hq, tail, L]`` per layer of the last ``tail`` queries of ``ids [L]`` over all keys.
+
+    The first ``L - tail`` tokens are prefilled with the model's own attention (no ``L × L`` weights kept); only the
+    tail runs eagerly with ``output_attentions`` over that cache: the same rows a full eager pass gives. A
+    sliding-window layer's cache holds only its window: the keys before it (weight 0 in a full pass) are padded."""
+
+    cache = DynamicCache(config=model.config)
+    if ids.shape[0] > tail:
+        model(input_ids=ids[None, :-tail], past_key_values=cache, use_cache=True)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention weights are needed
     try:
-        echo = induction = semantic = None
-        for probe in probes:
-            S = probe.shape[0] // 2
-            out = model(input_ids=probe[None], output_attentions=True, use_cache=False)
-            att = torch.stack([a[0].float() for a in out.attentions])  # [layers, Hq, 2S, 2S]
-            rows = torch.arange(S, 2 * S)
-            att = att[:, :, rows, :]  # queries of the second copy
-            visible = torch.arange(2 * S)[None, :] < rows[:, None]  # strictly earlier tokens
-            top = att.masked_fill(~visible, -1.0).argmax(-1)  # [layers, Hq, S]
-            j = rows - S
-            hit_echo = (top == j).float().mean(-1)
-            hit_ind = (top[..., :-1] == (j + 1)[:-1]).float().mean(-1)
-            # CompressKV's semantic retrieval: share of the head's top-k attention that lands on the copied token
-            # or its neighbourhood (the surrounding context), not only on the exact token
-            k = min(SEMANTIC_TOP_K, S)
-            top_k = att.masked_fill(~visible, -1.0).topk(k, dim=-1).indices  # [layers, Hq, S, k]
-            near = ((top_k - (j + 1)[:, None]).abs() <= SEMANTIC_RADIUS).float().mean(-1)
-            hit_sem = near[..., :-1].mean(-1)
-            echo = hit_echo if echo is None else echo + hit_echo
-            induction = hit_ind if induction is None else induction + hit_ind
-            semantic = hit_sem if semantic is None else semantic + hit_sem
+        out = model(input_ids=ids[None, -tail:], past_key_values=cache, use_cache=True, output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
+    length = ids.shape[0]
+    return tuple(torch.nn.functional.pad(a[0], (length - a.shape[-1], 0)) for a in out.attentions)
+
+
+@torch.no_grad()
+def head_scores(model, probes: list[torch.Tensor], progress: Steps = NO_PROGRESS) -> dict[str, list[list[float]]]:
+    """Echo and induction scores per layer and KV head: ``{"echo": [[...]], "induction": [[...]]}``."""
+    config = model.config.get_text_config()
+    n_kv = config.num_key_value_heads
+    echo = induction = semantic = None
+    for probe in probes:
+        S = probe.shape[0] // 2
+        att = torch.stack([a.float() for a in tail_attentions(model, probe, S)])  # queries of the second copy
+        rows = torch.arange(S, 2 * S)
+        visible = torch.arange(2 * S)[None, :] < rows[:, None]  # strictly earlier tokens
+        top = att.masked_fill(~visible, -1.0).argmax(-1)  # [layers, Hq, S]
+        j = rows - S
+        hit_echo = (top == j).float().mean(-1)
+        hit_ind = (top[..., :-1] == (j + 1)[:-1]).float().mean(-1)
+        # CompressKV's semantic retrieval: share of the head's top-k attention that lands on the copied token
+        # or its neighbourhood (the surrounding context), not only on the exact token
+        k = min(SEMANTIC_TOP_K, S)
+        top_k = att.masked_fill(~visible, -1.0).topk(k, dim=-1).indices  # [layers, Hq, S, k]
+        near = ((top_k - (j + 1)[:, None]).abs() <= SEMANTIC_RADIUS).float().mean(-1)
+        hit_sem = near[..., :-1].mean(-1)
+        echo = hit_echo if echo is None else echo + hit_echo
+        induction = hit_ind if induction is None else induction + hit_ind
+        semantic = hit_sem if semantic is None else semantic + hit_sem
+        progress.advance()
     L, Hq = echo.shape
     group = Hq // n_kv
     per_kv = lambda x: (x / len(probes)).view(L, n_kv, group).amax(-1).tolist()  # noqa: E731
@@ -95,28 +114,25 @@ def head_scores(model, probes: list[torch.Tensor]) -> dict[str, list[list[float]
 
 
 @torch.no_grad()
-def layer_curves(model, texts: list[torch.Tensor], window: int = 32, points: int = CURVE_POINTS) -> list[list[float]]:
+def layer_curves(
+    model, texts: list[torch.Tensor], window: int = 32, points: int = CURVE_POINTS, progress: Steps = NO_PROGRESS
+) -> list[list[float]]:
     """PrefixKV's per-layer importance profile (Lorenz curve): for retention fractions ``0, 1/(points-1), …, 1``
     of the context (observation window excluded), the share of the layer's attention mass the most important
     tokens hold. Importance = attention of the last ``window`` queries, summed, averaged over heads."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
     grid = torch.linspace(0, 1, points)
-    try:
-        total = None
-        for ids in texts:
-            out = model(input_ids=ids[None], output_attentions=True, use_cache=False)
-            curves = []
-            for att in out.attentions:  # [1, Hq, L, L]
-                L = att.shape[-1]
-                votes = att[0, :, -window:, : L - window].float().sum(1).mean(0)  # [L - window]
-                share = torch.sort(votes, descending=True).values.cumsum(0) / votes.sum().clamp(min=1e-30)
-                share = torch.cat([torch.zeros(1), share])  # share(0 tokens) = 0
-                curves.append(_interp(grid * (share.numel() - 1), share))
-            curves = torch.stack(curves)
-            total = curves if total is None else total + curves
-    finally:
-        model.set_attn_implementation(previous)
+    total = None
+    for ids in texts:
+        curves = []
+        for att in tail_attentions(model, ids, window):  # [Hq, window, L]
+            L = att.shape[-1]
+            votes = att[:, :, : L - window].float().sum(1).mean(0)  # [L - window]
+            share = torch.sort(votes, descending=True).values.cumsum(0) / votes.sum().clamp(min=1e-30)
+            share = torch.cat([torch.zeros(1), share])  # share(0 tokens) = 0
+            curves.append(_interp(grid * (share.numel() - 1), share))
+        curves = torch.stack(curves)
+        total = curves if total is None else total + curves
+        progress.advance()
     return (total / len(texts)).tolist()
 
 
@@ -129,13 +145,7 @@ def _interp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def save_head_scores(scores: dict, path: Path, **meta) -> Path:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**meta, **scores}, indent=1))
-        tmp.replace(path)
-    except OSError as exc:
-        raise KVSqueezeError(f"cannot write the calibration to {path}: {exc.strerror or exc}") from None
+    write_json(path, {**meta, **scores})
     return path
 
 
@@ -152,10 +162,8 @@ def check_output_path(path: Path) -> None:
         raise KVSqueezeError(f"cannot write the calibration to {path}: {exc.strerror or exc}") from None
 
 
-def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
+def calibrate_heads(model: str | None, out: Path | None = None, progress: Steps = NO_PROGRESS) -> Path:
     """Score every KV head of ``model`` (None = embedded SmolLM2) on copy probes; write and return the JSON path."""
-    from kvsqueeze.data import essays
-    from kvsqueeze.models import load_model
 
     path = Path(out) if out is not None else heads_path(model)
     check_output_path(path)
@@ -163,9 +171,11 @@ def calibrate_heads(model: str | None, out: Path | None = None) -> Path:
     text = "\n\n".join(essays()[:4])
     ids = tokenizer(text, add_special_tokens=False).input_ids
     probes = make_probes(ids)
-    scores = head_scores(net, probes)
     natural = [torch.tensor(ids[i * CURVE_TOKENS : (i + 1) * CURVE_TOKENS]) for i in range(2)]
-    scores["prefix_curves"] = layer_curves(net, natural)  # PrefixKV's offline layer profile, same pass
+    progress.start("heads: copy probes and layer profiles", len(probes) + len(natural))
+    scores = head_scores(net, probes, progress)
+    scores["prefix_curves"] = layer_curves(net, natural, progress=progress)  # PrefixKV's offline layer profile
+    path = Path(out) if out is not None else heads_path(model)
     return save_head_scores(
         scores, path, model=model or "embedded", probes=len(probes), span=SPAN, num_layers=len(scores["echo"])
     )

@@ -1,7 +1,9 @@
 """Task registry: ``--task`` names → deterministic sample generators (see each module's docstring).
 
 A task spec is ``NAME`` or ``NAME:OPTION`` (``niah:multikey``, ``longgen:1000``) or ``file:PATH.jsonl``; several
-are joined by commas. Every generator takes ``(tokenizer, samples=, length=, seed=, option=)`` and returns the same
+are joined by commas. Standard benchmarks take a Hub dataset id or a local file in the published schema:
+``longbench:DATASET|OWNER/NAME:DATASET|PATH``, ``infinitebench:TASK|OWNER/NAME:TASK|PATH``, ``ruler:OWNER/NAME|PATH``.
+Every generator takes ``(tokenizer, samples=, length=, seed=, option=)`` and returns the same
 samples, byte for byte, for the same arguments.
 """
 
@@ -10,7 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvsqueeze.bench.tasks import continuation, jsonl, longgen, multiturn, niah, ruler, speed
+from kvsqueeze.bench.tasks import (
+    continuation,
+    infinitebench,
+    jsonl,
+    longbench,
+    longgen,
+    multiturn,
+    niah,
+    ruler,
+    ruler_hf,
+    speed,
+)
 from kvsqueeze.bench.tasks.base import Question, Sample
 from kvsqueeze.errors import KVSqueezeError
 
@@ -25,8 +38,14 @@ GENERATORS: dict[str, Callable[..., list[Sample]]] = {
     "speed": speed.generate,
     "longgen": longgen.generate,
 }
+# standard benchmarks read from a dataset (Hub id or local file): name -> (generator, validator)
+DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], None]]] = {
+    "longbench": (longbench.generate, longbench.validate),
+    "infinitebench": (infinitebench.generate, infinitebench.validate),
+    "ruler": (ruler_hf.generate, ruler_hf.validate),
+}
 OPTIONS = {"niah": niah.VARIANTS}
-TASK_NAMES = (*GENERATORS, "file:PATH.jsonl")
+TASK_NAMES = (*GENERATORS, "file:PATH.jsonl", "longbench:DATASET", "infinitebench:TASK", "ruler:DATASET_ID")
 # Part of every cell key: bump a task's version when its generator changes what a sample means (the sample's
 # content hash, also in the key, catches changed text; this catches e.g. a changed scoring rule for the task).
 TASK_VERSIONS: dict[str, int] = {**dict.fromkeys(GENERATORS, 1), "file": 1}
@@ -46,6 +65,7 @@ def parse_tasks(text: str) -> list[TaskSpec]:
     """Validate ``--task`` (before any model work); file datasets are read and checked here."""
     specs = []
     parts = [text] if text.strip().startswith("file:") else text.split(",")
+    parts = [p for p in parts if p.strip()]
     for part in parts:
         part = part.strip()
         if not part:
@@ -56,6 +76,8 @@ def parse_tasks(text: str) -> list[TaskSpec]:
             if not option:
                 raise KVSqueezeError("give the dataset as --task file:PATH.jsonl")
             jsonl.load(option)
+        elif name in DATASETS:
+            DATASETS[name][1](option)
         elif name == "longgen":
             longgen.parse_tokens(option)
         elif name not in GENERATORS:
@@ -70,6 +92,10 @@ def parse_tasks(text: str) -> list[TaskSpec]:
 
 
 def default_lengths(task: TaskSpec) -> tuple[int, ...]:
+    if task.name == "ruler":
+        return ruler_hf.default_lengths(task.option)
+    if task.name in DATASETS:
+        return (0,)  # whole samples (``--context-length`` truncates them)
     if task.name == "speed":
         return speed.DEFAULT_LENGTHS
     return longgen.DEFAULT_LENGTHS if task.name == "longgen" else (2048,)
@@ -94,6 +120,8 @@ def generate(task: TaskSpec, tokenizer, *, samples: int, length: int, seed: int)
     """The samples of one task at one context length."""
     if task.name == "file":
         return jsonl.generate(task.option, samples=samples)
+    if task.name in DATASETS:
+        return DATASETS[task.name][0](tokenizer, samples=samples, length=length, seed=seed, option=task.option)
     return GENERATORS[task.name](tokenizer, samples=samples, length=length, seed=seed, option=task.option)
 
 

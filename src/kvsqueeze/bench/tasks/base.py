@@ -18,7 +18,8 @@ class Question:
     answers: tuple[str, ...]
     answer_prefix: str = ""
     max_new_tokens: int = 16
-    metric: Literal["all", "part"] = "all"  # all: fraction of answers found; part: 1 if any is found
+    metric: str = "all"  # all: fraction of answers found; part: 1 if any is found; or a benchmark's own metric
+    choices: tuple[str, ...] = ()  # what a benchmark metric needs beside the answers (classes, options)
 
     @property
     def gold(self) -> str:

@@ -1,6 +1,6 @@
 """Continuation tasks: teacher-force a known continuation after a (compressed) context.
 
-- ``ppl`` — Jane Austen's prose (Debian ``r-cran-janeaustenr``): the context is consecutive paragraphs of one
+- ``ppl`` — Jane Austen's prose (shipped in the package): the context is consecutive paragraphs of one
   novel starting at a seeded paragraph, ``length`` tokens long; the continuation is the next
   ``CONTINUATION_TOKENS`` tokens of the same text. Primary score: perplexity of the continuation
   (``exp`` of the mean negative log-likelihood per token; lower is better).

@@ -1,7 +1,8 @@
 """``file:PATH.jsonl``: a user dataset in kvpress' schema, one JSON object per line with ``context``,
-``question``, ``answer`` (a string, or a list of strings that must all appear) and optional ``answer_prefix``
-and ``max_new_tokens`` (default 32). Score: fraction of the expected strings found in the output
-(case-insensitive), plus the gold log-likelihood. ``--samples`` takes the first N lines.
+``question``, ``answer`` (a string, or a list of strings that must all appear) and optional ``answer_prefix``,
+``max_new_tokens`` (default 32) and ``task`` (kvpress' dataset columns). Score: fraction of the expected strings
+found in the output (case-insensitive), plus the gold log-likelihood; rows with a ``task`` are reported per task
+(as ``file:PATH#TASK``). ``--samples`` takes the first N lines.
 
 The file must be UTF-8; every problem (encoding, JSON, a missing or mistyped field) is reported as one line naming
 the line number and the fix. Rows are named ``file:NAME`` after the file's name; the runner keys each sample on
@@ -55,6 +56,8 @@ def load(path: str | Path) -> list[dict]:
             answer = [answer]
         if not isinstance(answer, list) or not answer or not all(isinstance(a, str) and a for a in answer):
             raise KVSqueezeError(f"{path}:{n}: field 'answer' must be a non-empty string or list of strings")
+        if not isinstance(row.get("task", ""), str):
+            raise KVSqueezeError(f"{path}:{n}: field 'task' must be a string")
         if not isinstance(row.get("answer_prefix", ""), str):
             raise KVSqueezeError(f"{path}:{n}: field 'answer_prefix' must be a string")
         mnt = row.get("max_new_tokens", 32)
@@ -70,6 +73,7 @@ def generate(path: str, *, samples: int) -> list[Sample]:
     out = []
     for row in load(path)[:samples]:
         q = Question(row["question"], tuple(row["answer"]), row.get("answer_prefix", ""), row["max_new_tokens"])
-        out.append(Sample(f"file:{Path(path).name}", f"line{row['line']:05d}", "qa", row["context"], (q,),
+        label = f"file:{Path(path).name}" + (f"#{row['task']}" if row.get("task") else "")
+        out.append(Sample(label, f"line{row['line']:05d}", "qa", row["context"], (q,),
                           meta={"length": None, "depth": None, "line": row["line"]}))  # fmt: skip
     return out
