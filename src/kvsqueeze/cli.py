@@ -312,7 +312,8 @@ def _calibration(label: str, model: str | None):
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     )  # fmt: skip
-    err.print(escape(f"{label} for {model or 'the embedded model'} (loading the model first)…"), highlight=False)
+    if err.is_terminal:  # a progress line for people; a log or a pipe gets results and one-line errors only
+        err.print(escape(f"{label} for {model or 'the embedded model'} (loading the model first)…"), highlight=False)
     with Progress(*columns, console=err, transient=False) as bar:
         yield _RichSteps(bar)
 
@@ -373,7 +374,10 @@ def calibrate_heads(
     """Retrieval and semantic heads (razorattention, compresskv) and layer profiles (prefixkv), cached per model."""
     with user_errors():
         from kvsqueeze.policies.heads import calibrate_heads as run
+        from kvsqueeze.policies.heads import check_output_path
 
+        if out_path is not None:
+            check_output_path(out_path)  # before the model loads
         with _calibration("retrieval-head calibration", model) as steps:
             path = run(model, out_path, progress=steps)
     usage = "--method razorattention" if out_path is None else f"--method 'razorattention:heads={path}'"

@@ -164,7 +164,6 @@ def check_output_path(path: Path) -> None:
 
 def calibrate_heads(model: str | None, out: Path | None = None, progress: Steps = NO_PROGRESS) -> Path:
     """Score every KV head of ``model`` (None = embedded SmolLM2) on copy probes; write and return the JSON path."""
-
     path = Path(out) if out is not None else heads_path(model)
     check_output_path(path)
     net, tokenizer = load_model(model)
