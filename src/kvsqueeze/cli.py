@@ -337,7 +337,7 @@ def calibrate_kvtuner(
 ) -> None:
     """KVTuner: per-layer (key, value) bit pairs by a Pareto search on calibration text (cached per model)."""
     with user_errors():
-        from kvsqueeze.codecs.kvtuner import calibrate_kvtuner as run
+        from kvsqueeze.calibration.kvtuner import calibrate_kvtuner as run
         from kvsqueeze.models import parse_dtype
 
         parse_dtype(dtype)
@@ -355,7 +355,7 @@ def calibrate_kvquant(
 ) -> None:
     """KVQuant: Fisher-weighted non-uniform datatypes (nuq2/3/4) per layer (cached per model)."""
     with user_errors():
-        from kvsqueeze.codecs.kvquant import calibrate_kvquant as run
+        from kvsqueeze.calibration.kvquant import calibrate_kvquant as run
         from kvsqueeze.models import parse_dtype
 
         parse_dtype(dtype)
@@ -373,8 +373,8 @@ def calibrate_heads(
 ) -> None:
     """Retrieval and semantic heads (razorattention, compresskv) and layer profiles (prefixkv), cached per model."""
     with user_errors():
-        from kvsqueeze.policies.heads import calibrate_heads as run
-        from kvsqueeze.policies.heads import check_output_path
+        from kvsqueeze.calibration.heads import calibrate_heads as run
+        from kvsqueeze.calibration.heads import check_output_path
 
         if out_path is not None:
             check_output_path(out_path)  # before the model loads

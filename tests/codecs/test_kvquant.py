@@ -11,16 +11,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.codecs.kvquant import (
-    KVQuantBlock,
-    KVQuantCodec,
-    fit_kvquant,
-    formula_bits,
-    rerope,
-    rope_params,
-    unrope,
-    weighted_kmeans,
-)
+from kvsqueeze.calibration.kvquant import fit_kvquant, weighted_kmeans
+from kvsqueeze.codecs.kvquant import KVQuantBlock, KVQuantCodec, formula_bits, rerope, rope_params, unrope
 from kvsqueeze.codecs.quant import effective_bits
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.core.layer import CompressedLayer

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache, KVSqueezeError
+from kvsqueeze.calibration.kvtuner import CANDIDATES, pareto_front, search
+from kvsqueeze.calibration.store import cache_path, cached
 from kvsqueeze.codecs import kvtuner
-from kvsqueeze.codecs.calibration import cache_path, cached
-from kvsqueeze.codecs.kvtuner import CANDIDATES, pareto_front, search
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.spec import parse_method
 
@@ -51,10 +51,12 @@ def test_search_writes_a_config_the_codec_applies(llama, tmp_path, monkeypatch):
     assert config == again and len(calls) == 1 and cache_path(llama, "kvtuner", {"t": 1}).is_file()
     assert config["mean_bits"] <= 3.0 and set(config["layers"]) == {"0", "1"}
     path = tmp_path / "kvtuner.json"
-    # Force distinct pairs per layer to see them applied.
+    path.write_text(json.dumps({**config, "layers": {"0": [4, 4], "1": [4, 4]}}))
+    assert kvtuner.load_config(str(path)) == {0: (4, 4), 1: (4, 4)}
+    # Force distinct pairs per layer to see them applied: the edited file is read again.
     config["layers"] = {"0": [8, 4], "1": [2, 2]}
-    path.write_text(json.dumps(config))
-    kvtuner.load_config.cache_clear()
+    path.write_text(json.dumps(config) + " ")
+    assert kvtuner.load_config(str(path)) == {0: (8, 4), 1: (2, 2)}
     cache = CompressedCache(llama, f"kvtuner:config={path},group=8,residual=8")
     ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     out = llama.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache, pad_token_id=0)

@@ -85,7 +85,7 @@ def test_offline_hub_id_is_one_line(monkeypatch):
 
 
 def test_corrupt_heads_calibration_json(tmp_path):
-    from kvsqueeze.policies.heads import load_head_scores
+    from kvsqueeze.calibration.heads import load_head_scores
 
     for content, message in [
         ("{not json", "is not valid JSON"),

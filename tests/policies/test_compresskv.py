@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze import CompressedCache
+from kvsqueeze.calibration.heads import save_head_scores
 from kvsqueeze.policies.base import PROTECTED, select
 from kvsqueeze.policies.compresskv import CompressKV, error_budgets
-from kvsqueeze.policies.heads import save_head_scores
 
 
 def _calibration(tmp_path, semantic):
@@ -54,7 +54,7 @@ def test_compresskv_generate_layer_budgets(tiny_model, tmp_path):
 
 
 def test_semantic_score_of_planted_head():
-    from kvsqueeze.policies.heads import head_scores, make_probes
+    from kvsqueeze.calibration.heads import head_scores, make_probes
 
     from .test_razorattention import planted_echo_model
 

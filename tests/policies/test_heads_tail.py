@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.policies.heads import tail_attentions
+from kvsqueeze.calibration.heads import tail_attentions
 from tests.conftest import tiny_model
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.policies.heads import save_head_scores
+from kvsqueeze.calibration.heads import save_head_scores
 from kvsqueeze.policies.prefixkv import prefix_sizes, retained_fraction
 
 GRID = torch.linspace(0, 1, 101)
@@ -47,7 +47,7 @@ def test_prefixkv_generate(tiny_model, tmp_path):
 
 
 def test_layer_curves_are_lorenz_curves(tiny_model):
-    from kvsqueeze.policies.heads import layer_curves
+    from kvsqueeze.calibration.heads import layer_curves
 
     torch.manual_seed(9)
     curves = torch.tensor(layer_curves(tiny_model, [torch.randint(0, 128, (40,))], window=4, points=11))

@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze import CompressedCache, KVSqueezeError
+from kvsqueeze.calibration.heads import head_scores, load_head_scores, make_probes, retrieval_heads, save_head_scores
 from kvsqueeze.policies.base import select
-from kvsqueeze.policies.heads import head_scores, load_head_scores, make_probes, retrieval_heads, save_head_scores
 from kvsqueeze.policies.razorattention import RazorAttention, razor_plan
 
 

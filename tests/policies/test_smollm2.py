@@ -11,7 +11,7 @@ from kvsqueeze import CompressedCache
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
-    from kvsqueeze.policies.heads import calibrate_heads
+    from kvsqueeze.calibration.heads import calibrate_heads
 
     return str(calibrate_heads(None, tmp_path_factory.mktemp("heads") / "smollm2.json"))
 

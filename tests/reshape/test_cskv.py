@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.codecs.cskv import CSKVBlock, fit_cskv
+from kvsqueeze.calibration.cskv import fit_cskv
+from kvsqueeze.codecs.cskv import CSKVBlock
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.spec import parse_method

@@ -17,9 +17,10 @@ The full-precision branch is the codec's residual window (``residual`` most rece
 at a time once older).
 
 Where the bases come from (``basis``):
-- ``basis=PATH.pt`` — the paper's setting: fitted *offline* on calibration text. :func:`fit_cskv` runs the model
-  over the offline essays, accumulates ``Xᵀ X`` of every layer's cached keys/values per KV head and saves all
-  eigenvectors (any rank can be read back); the file is cached under ``cache_dir()/calibration/<model key>`` and
+- ``basis=PATH.pt`` — the paper's setting: fitted *offline* on calibration text. :mod:`kvsqueeze.calibration.cskv`
+  runs the model over the offline essays, accumulates ``Xᵀ X`` of every layer's cached keys/values per KV head and
+  saves all eigenvectors (any rank can be read back); the file is cached under
+  ``cache_dir()/calibration/<model key>`` and
   keyed on the model's configuration and the calibration length. CLI: ``kvsqueeze calibrate cskv``.
 - ``basis=context`` (default) — fitted on the prefill context itself, per (row, KV head). Not in the paper; it
   needs no calibration, adapts to the prompt, and its bases are stored in the block (counted in its bytes).
@@ -33,13 +34,12 @@ counted once per layer); tokens appended during decoding are projected onto the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from pydantic import Field
 
+from kvsqueeze.calibration.store import read_file
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.core.attention_math import partial_attention
 from kvsqueeze.core.storage import KVBlock
@@ -114,22 +114,21 @@ def _project(x: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor) -> torch.T
     return torch.einsum("nd,ndr->nr", x.float(), u.reshape(B * H, *u.shape[2:]).float()[ids]).to(x.dtype)
 
 
-_LOADED: dict[str, dict] = {}
-
-
 def load_basis(path: str) -> dict:
-    """A basis file written by :func:`fit_cskv` (cached in memory per path)."""
-    if path not in _LOADED:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise KVSqueezeError(
-                f"cskv basis {path!r} not found; create it with `kvsqueeze calibrate cskv --out {path}`"
-            )
-        data = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or "keys" not in data or "values" not in data:
-            raise KVSqueezeError(f"{path} is not a cskv basis file; rerun `kvsqueeze calibrate cskv`")
-        _LOADED[path] = data
-    return _LOADED[path]
+    """A basis file written by ``kvsqueeze.calibration.cskv.fit_cskv`` (parsed once per version of the file)."""
+    if not Path(path).expanduser().is_file():
+        raise KVSqueezeError(f"cskv basis {path!r} not found; create it with `kvsqueeze calibrate cskv --out {path}`")
+    return read_file(path, parse_basis)
+
+
+def parse_basis(file: Path) -> dict:
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises pickle, zip and runtime errors for a damaged file
+        data = None
+    if not isinstance(data, dict) or "keys" not in data or "values" not in data:
+        raise KVSqueezeError(f"{file} is not a cskv basis file; rerun `kvsqueeze calibrate cskv`")
+    return data
 
 
 @register
@@ -195,57 +194,3 @@ class CSKV(Codec):
             ck += [ok, k]
             cv += [ov, v]
         return CSKVBlock(torch.cat(ck), torch.cat(cv), block.uk, block.uv, block.lengths + newer.lengths)
-
-
-# ---- offline calibration (the paper's setting) ------------------------------------------------------------------
-def fit_bases(model, ids: torch.Tensor) -> dict:
-    """All eigenvectors of ``Xᵀ X`` of every full-attention layer's cached keys/values, per KV head (``[H, D, D]``,
-    columns by decreasing eigenvalue), from one forward pass over ``ids``."""
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-    keys, values, spectra = [], [], []
-    for layer in out.past_key_values.layers:
-        k, v = layer.keys.float()[0], layer.values.float()[0]  # [H, L, D]
-        gk, gv = k.transpose(1, 2) @ k, v.transpose(1, 2) @ v
-        keys.append(top_basis(gk, k.shape[-1]).cpu())
-        values.append(top_basis(gv, v.shape[-1]).cpu())
-        spectra.append(torch.linalg.eigvalsh(gk.double()).flip(-1).float().cpu())
-    return {"keys": keys, "values": values, "key_spectra": spectra, "tokens": int(ids.shape[1])}
-
-
-def fit_cskv(model, tokenizer=None, n_tokens: int = 2048, out: str | Path | None = None) -> Path:
-    """Fit CSKV bases on ``n_tokens`` of calibration text (essays; random ids without a tokenizer) and save them.
-
-    Cached: the default path is ``cache_dir()/calibration/<model key>/cskv-<digest>.pt`` keyed on the model's
-    configuration and the calibration parameters; an existing file is reused. Use as ``cskv:basis=<path>``.
-    """
-    from kvsqueeze.codecs.calibration import calibration_ids, model_key
-    from kvsqueeze.models import cache_dir
-
-    params = {"n_tokens": n_tokens, "tokenizer": tokenizer is not None, "version": 1}
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(out) if out is not None else cache_dir() / "calibration" / model_key(model) / f"cskv-{digest}.pt"
-    if path.is_file():
-        return path
-    ids = calibration_ids(model, tokenizer, n_tokens)
-    if ids.shape[1] < 16:
-        raise KVSqueezeError("calibration text too short; install the essays (`kvsqueeze assets install`)")
-    data = fit_bases(model, ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
-    _LOADED.pop(str(path), None)
-    return path
-
-
-def calibrate_cskv(
-    model: str | None = None, out: Path | None = None, dtype: str = "float32", n_tokens: int = 2048
-) -> Path:
-    """Fit CSKV low-rank bases for a model on the essays (cached per model); prints the basis file's path."""
-    from kvsqueeze.models import load_model
-
-    m, tok = load_model(model, dtype)
-    return fit_cskv(m, tok, n_tokens, out)

@@ -8,7 +8,7 @@
 2. *Layer-adaptive budgets from each layer's eviction error*, estimated offline: layers whose attention is
    harder to compress get more of the global budget (Σ over layers = ``layers × keep``, exact).
 
-Mapping and deviations: SRH scores come from ``kvsqueeze calibrate heads`` (``policies/heads.py``: share of
+Mapping and deviations: SRH scores come from ``kvsqueeze calibrate heads`` (``calibration/heads.py``: share of
 a head's top-8 attention within 4 tokens of the token to copy, on repeated-token probes built from the
 essays), not the paper's needle-retrieval tasks. The offline eviction error of a layer is the attention mass
 its observation window loses when only the target fraction of tokens is kept (``1 − profile(f)`` from the
@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.calibration.heads import interpolate, load_head_scores
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import PROTECTED, Scorer
-from kvsqueeze.policies.heads import _interp, load_head_scores
 from kvsqueeze.policies.snapkv import pool_scores
 from kvsqueeze.spec import register
 
@@ -115,7 +115,7 @@ class CompressKV(Scorer):
             key = (k, n, p)
             if key not in memo:
                 f = (k - p) / max(n - p, 1)  # target retention of the non-window tokens
-                lost = 1 - torch.stack([_interp(torch.tensor([f * (curves.shape[1] - 1)]), c)[0] for c in curves])
+                lost = 1 - torch.stack([interpolate(torch.tensor([f * (curves.shape[1] - 1)]), c)[0] for c in curves])
                 memo[key] = error_budgets(lost, k, min(p + 1, k), n)
             out[b] = memo[key][ctx.layer_idx]
         return out

@@ -10,7 +10,7 @@ compressing layers one at a time: every layer recomputes the same search from th
 ``(num_layers, keep, n)`` and takes its own size.
 
 Profiles (per-layer Lorenz curves of observation-window attention on essay text) are produced by the same
-calibration as RazorAttention's heads (``kvsqueeze calibrate heads``, ``policies/heads.py``). Composes with
+calibration as RazorAttention's heads (``kvsqueeze calibrate heads``, ``calibration/heads.py``). Composes with
 any scorer: ``snapkv+prefixkv``. Within a layer every head gets the layer's size.
 Deviations: the paper's importance is the model's attention on its own calibration data (vision-language
 instructions); here the observation-window attention on the offline essays; the scorer's protected tokens
@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.calibration.heads import load_head_scores
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import Budget
-from kvsqueeze.policies.heads import load_head_scores
 from kvsqueeze.policies.pyramidkv import protected_count
 from kvsqueeze.spec import register
 

@@ -1,7 +1,7 @@
 """RazorAttention — "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads"
 (Tang et al., arXiv 2407.15891).
 
-Retrieval heads (echo + induction heads, found offline on repeated random tokens: ``policies/heads.py``,
+Retrieval heads (echo + induction heads, found offline on repeated random tokens: ``calibration/heads.py``,
 ``kvsqueeze calibrate heads``) keep their whole cache. Every other head keeps the attention sinks, a window of
 recent tokens and one *compensation token* whose key and value are the means of the keys and values it
 dropped. The paper protects the top ~14% induction heads and ~1% echo heads (``induction=0.14, echo=0.01``).
@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from kvsqueeze.calibration.heads import load_head_scores, retrieval_heads
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import PROTECTED, Scorer
-from kvsqueeze.policies.heads import load_head_scores, retrieval_heads
 from kvsqueeze.spec import register
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvsqueeze.codecs.calibration import write_json
+from kvsqueeze.calibration.store import write_json
 from kvsqueeze.data import essays
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import EMBEDDED_NAME, cache_dir, load_model
@@ -129,14 +129,14 @@ def layer_curves(
             votes = att[:, :, : L - window].float().sum(1).mean(0)  # [L - window]
             share = torch.sort(votes, descending=True).values.cumsum(0) / votes.sum().clamp(min=1e-30)
             share = torch.cat([torch.zeros(1), share])  # share(0 tokens) = 0
-            curves.append(_interp(grid * (share.numel() - 1), share))
+            curves.append(interpolate(grid * (share.numel() - 1), share))
         curves = torch.stack(curves)
         total = curves if total is None else total + curves
         progress.advance()
     return (total / len(texts)).tolist()
 
 
-def _interp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def interpolate(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``y`` (sampled at 0, 1, 2, …) linearly interpolated at positions ``x``."""
     lo = x.floor().long().clamp(max=y.numel() - 1)
     hi = (lo + 1).clamp(max=y.numel() - 1)

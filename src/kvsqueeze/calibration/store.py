@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -71,3 +72,19 @@ def write_json(path: Path, data: dict) -> None:
         tmp.replace(path)
     except OSError as exc:
         raise KVSqueezeError(f"cannot write {path} ({exc.strerror or exc}); give --out a writable path") from None
+
+
+def read_file(path: str | Path, parse: Callable[[Path], object]):
+    """``parse(path)``, parsed once per version of the file (keyed on its modification time and size, so an edited
+    calibration is read again). ``parse`` raises :class:`KVSqueezeError` for a file that is not what it expects."""
+    file = Path(path).expanduser()
+    try:
+        stat = file.stat()
+    except OSError:
+        raise KVSqueezeError(f"calibration file {str(path)!r} not found") from None
+    return _parsed(str(file.resolve()), stat.st_mtime_ns, stat.st_size, parse)
+
+
+@lru_cache(maxsize=32)
+def _parsed(path: str, mtime_ns: int, size: int, parse: Callable[[Path], object]):
+    return parse(Path(path))
