@@ -160,7 +160,8 @@ def generate(
     with user_errors():
         from kvsqueeze.core.cache import CompressedCache
         from kvsqueeze.models import check_context_fits, load_config, load_model, load_tokenizer, parse_dtype
-        from kvsqueeze.pipeline import answer, build_prompt
+        from kvsqueeze.pipeline import answer
+        from kvsqueeze.prompts import prompt_ids
         from kvsqueeze.spec import parse_method
         from kvsqueeze.validation import validate_budget
 
@@ -181,7 +182,7 @@ def generate(
             config = load_config(model)
             tokenizer = load_tokenizer(model)
         _refuse_huge_text(tokenizer, config, text)
-        context_ids, question_ids = build_prompt(tokenizer, text, question)
+        context_ids, question_ids = prompt_ids(tokenizer, text, question)
         n_prompt = context_ids.shape[-1] + question_ids.shape[-1]
         needed = n_prompt + max_new_tokens
         check_context_fits(config, needed, dtype, what="the prompt plus --max-new-tokens", fix=FIT_FIX)

@@ -57,7 +57,7 @@ def run_demo(
     on_step: Callable[[str], None] | None = None,
 ) -> list[DemoRow]:
     """The demo's rows: the full cache first, then every method in each mode."""
-    from kvsqueeze.bench.evaluate import Cell, SampleEvaluator
+    from kvsqueeze.bench.evaluators import Cell, evaluator_for
     from kvsqueeze.bench.tasks.base import Question, Sample
     from kvsqueeze.spec import parse_method
 
@@ -65,7 +65,7 @@ def run_demo(
     question = Question(QUESTION, (EXPECTED,), ANSWER_PREFIX, max_new_tokens=max_new_tokens)
     sample = Sample("demo", "0", "qa", context, (question,))
     plan = [("", Cell("none", None))] + [(m, Cell(parse_method(s).spec(), ratio)) for m in MODES for s in methods]
-    evaluators = {mode: SampleEvaluator(model, tokenizer, sample, query_aware=mode == "query-aware") for mode in MODES}
+    evaluators = {mode: evaluator_for(model, tokenizer, sample, query_aware=mode == "query-aware") for mode in MODES}
     rows = []
     for mode, cell in plan:
         if on_step is not None:

@@ -17,26 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
-
-_SPLIT = "\x00KVSQUEEZE_CONTEXT_END\x00"
-
-
-def build_prompt(tokenizer, context: str, question: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``(context_part [1, Lc], question_part [1, Lq])`` of a chat-formatted prompt.
-
-    The context part ends where the context text ends, so it can be compressed before the question is known.
-    """
-    text = f"{context}{_SPLIT}\n\n{question}"
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        prompt = text + "\nAnswer:"
-    head, tail = prompt.split(_SPLIT)
-    head_ids = tokenizer(head, add_special_tokens=not getattr(tokenizer, "chat_template", None), return_tensors="pt")
-    tail_ids = tokenizer(tail, add_special_tokens=False, return_tensors="pt")
-    return head_ids.input_ids, tail_ids.input_ids
+from kvsqueeze.prompts import prompt_ids
 
 
 class _StepClock(StoppingCriteria):
@@ -87,10 +68,10 @@ def answer(
     cache: CompressedCache | None = None,
 ) -> Answer:
     """Generate an answer with ``method`` and report what the cache held and how fast it ran."""
-    context_ids, question_ids = build_prompt(tokenizer, context, question)
-    prompt_ids = torch.cat([context_ids, question_ids], dim=-1).to(model.device)
+    context_ids, question_ids = prompt_ids(tokenizer, context, question)
+    full_ids = torch.cat([context_ids, question_ids], dim=-1).to(model.device)
     cache = cache or CompressedCache(model, method, ratio=ratio, budget=budget)
-    compressed_part = prompt_ids if query_aware else context_ids.to(model.device)
+    compressed_part = full_ids if query_aware else context_ids.to(model.device)
     protected = cache.method.scorer.protected(compressed_part.shape[-1]) if cache.method.evicts else 0
     if cache.method.evicts and compressed_part.shape[-1] <= protected:
         raise KVSqueezeError(
@@ -107,8 +88,8 @@ def answer(
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
+            full_ids,
+            attention_mask=torch.ones_like(full_ids),
             past_key_values=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -117,7 +98,7 @@ def answer(
         )
     if query_aware and clock.stamps:
         prefill_seconds = clock.stamps[0] - start
-    new = out[0, prompt_ids.shape[-1] :]
+    new = out[0, full_ids.shape[-1] :]
     steps = len(clock.stamps) - 1
     decode_rate = steps / (clock.stamps[-1] - clock.stamps[0]) if steps > 0 else 0.0
     stats = cache.stats()

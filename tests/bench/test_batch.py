@@ -50,13 +50,13 @@ def test_batched_rows_equal_single_rows(kind):
 @pytest.mark.parametrize("task", ["niah", "fidelity"])
 def test_sweep_rows_batched_equal_one_by_one(tmp_path, monkeypatch, task):
     """The runner's batched path writes the rows the one-cell-at-a-time path writes."""
-    from kvsqueeze.bench import evaluate
+    from kvsqueeze.bench.evaluators.batched import BatchedEvaluator
     from kvsqueeze.bench.runner import SweepConfig, parse_methods, read_rows, run_sweep
     from kvsqueeze.bench.tasks import parse_tasks
     from tests.bench.conftest import TinyProvider
 
     def sweep(out, rows_per_batch):
-        monkeypatch.setattr(evaluate, "BATCH_ROWS", rows_per_batch)
+        monkeypatch.setattr(BatchedEvaluator, "batch_rows", rows_per_batch)
         config = SweepConfig(tasks=parse_tasks(task), methods=parse_methods("snapkv,h2o,kivi,snapkv+adakv"),
                              ratios=[0.25, 0.5], samples=2, lengths=[600], out=out)  # fmt: skip
         run_sweep(config, TinyProvider(), progress=False, render=False)

@@ -1,4 +1,5 @@
-"""The ``longgen`` task: the full cache's greedy generation teacher-forced under each method (schedules_eval)."""
+"""The ``longgen`` task: the full cache's greedy generation teacher-forced under each method
+(``kvsqueeze.bench.evaluators.longgen``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import math
 
 import pytest
 
+from kvsqueeze.bench.evaluators import longgen
 from kvsqueeze.bench.runner import SweepConfig, parse_methods, read_rows, run_sweep
 from kvsqueeze.bench.tasks import TaskSpec, generate, parse_tasks
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.schedules_eval import longgen
 from tests.bench.conftest import TinyProvider
 
 N = 12
@@ -48,13 +49,14 @@ def test_longgen_sweep_rows(tmp_path):
     assert snap["tokens_kept_mean"] == math.ceil(prompt * 0.5) + N - 1 and snap["scores"]["kl"] > 0
     # the decoding schedule stays inside budget + every - 1 tokens per head
     assert sched["tokens_kept_mean"] <= 32 + 4 - 1 and sched["cache_bytes"] < snap["cache_bytes"]
-    # the row is schedules_eval.longgen's result for the same prompt (not a re-implementation)
+    # the row is bench.evaluators.longgen's result for the same prompt (not a re-implementation)
     import torch
 
-    from kvsqueeze.bench.evaluate import qa_prompt
+    from kvsqueeze.prompts import prompt_ids
 
     (sample,) = generate(config.tasks[0], provider.tokenizer, samples=1, length=300, seed=0)
-    ctx, q = qa_prompt(provider.tokenizer, sample.context, sample.questions[0])
+    q0 = sample.questions[0]
+    ctx, q = prompt_ids(provider.tokenizer, sample.context, q0.text, q0.answer_prefix)
     direct = longgen(provider.model, provider.tokenizer, schedule, torch.cat([ctx, q], dim=-1), n_tokens=N)
     assert direct["top1_agreement"] == sched["scores"]["top1"]
     assert direct["kl_mean"] == pytest.approx(sched["scores"]["kl"], rel=1e-5)

@@ -149,12 +149,12 @@ def test_jsonl_schema_and_errors(tmp_path):
 
 @pytest.mark.model
 def test_niah_prompt_length_with_the_real_tokenizer():
-    from kvsqueeze.bench.evaluate import qa_prompt
     from kvsqueeze.bench.runner import ModelProvider
+    from kvsqueeze.prompts import prompt_ids
 
     tok = ModelProvider().tokenizer
     for s in generate(TaskSpec("niah"), tok, samples=4, length=2048, seed=0):
-        ctx, q = qa_prompt(tok, s.context, s.questions[0])
+        ctx, q = prompt_ids(tok, s.context, s.questions[0].text, s.questions[0].answer_prefix)
         assert 1900 <= ctx.shape[-1] + q.shape[-1] <= 2048
 
 
@@ -173,20 +173,21 @@ def test_gold_is_the_text_that_follows_the_answer_prefix(prefix, gold):
 
 
 def test_evaluator_scores_the_gold_answer_as_it_follows_the_prompt(chars):
-    from kvsqueeze.bench.evaluate import SampleEvaluator, split_prompt
+    from kvsqueeze.bench.evaluators import evaluator_for
+    from kvsqueeze.prompts import split_prompt
 
     q = Question("Which word?", ("oyster",), 'The word is "')
     sample = Sample("file:x", "line00001", "qa", "An oyster sat in the sea. " * 4, (q,))
-    evaluator = SampleEvaluator(tiny_model("llama"), chars, sample, query_aware=False)
+    evaluator = evaluator_for(tiny_model("llama"), chars, sample, query_aware=False)
     assert chars.decode(evaluator.gold_ids[0].tolist()) == "oyster"  # not ' oyster', which the model never writes
-    tail = split_prompt(chars, sample.context, q)[1]
+    tail = split_prompt(chars, sample.context, q.text, q.answer_prefix)[1]
     assert chars.decode(evaluator.question_ids[0].tolist()) == tail and tail.endswith('"')
 
 
 @pytest.mark.model
 def test_gold_tokens_follow_the_prefix_with_a_bpe_tokenizer():
-    from kvsqueeze.bench.text import continuation_ids, encode
     from kvsqueeze.models import load_tokenizer
+    from kvsqueeze.prompts import continuation_ids, encode
 
     tok = load_tokenizer()
     for prefix, answer in [('The word is "', "oyster"), ("The number is", " 7342")]:

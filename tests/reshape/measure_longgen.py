@@ -1,7 +1,7 @@
 """Issue-5 numbers for decoding-time schedules on SmolLM2 (not collected by pytest).
 
 Greedy 1,000-token continuation of an essay opening with the full cache, then each method teacher-forced over it
-(``kvsqueeze.schedules_eval.longgen``): top-1 agreement, KL(full ‖ method), tokens held per KV head at the end,
+(``kvsqueeze.bench.evaluators.longgen``): top-1 agreement, KL(full ‖ method), tokens held per KV head at the end,
 bytes, and decode tok/s relative to the full cache measured in the same run.
 
     .venv/bin/python tests/reshape/measure_longgen.py --out docs/results/reshape/longgen.jsonl
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from kvsqueeze.bench.text import _essay_stream
+from kvsqueeze.bench.evaluators import longgen
+from kvsqueeze.bench.text import essay_stream
 from kvsqueeze.models import load_model
-from kvsqueeze.schedules_eval import longgen
 
 METHODS = [
     "h2o+interval:every=16,budget=256",
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(m.replace(",", ";") for m in METHODS))
     args = parser.parse_args()
     model, tok = load_model()
-    ids, starts = _essay_stream(tok)
+    ids, starts = essay_stream(tok)
     start = starts[args.essay]
     prompt = torch.tensor([ids[start : start + args.prompt_tokens]])
     args.out.parent.mkdir(parents=True, exist_ok=True)

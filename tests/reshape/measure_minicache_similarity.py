@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze import CompressedCache, load_model
-from kvsqueeze.bench.text import _essay_stream
+from kvsqueeze.bench.text import essay_stream
 
 
 def main(tokens: int = 512) -> None:
     model, tok = load_model()
-    ids, starts = _essay_stream(tok)
+    ids, starts = essay_stream(tok)
     x = torch.tensor([ids[starts[0] : starts[0] + tokens]])
     cache = CompressedCache(model, "none")
     cache.prefill(model, x)

@@ -183,7 +183,7 @@ def test_triattention_prefers_the_keys_its_query_center_favours(model):
 
 
 def test_longgen_is_exact_for_the_full_cache_and_reports_the_schedule_bound(model):
-    from kvsqueeze.schedules_eval import longgen
+    from kvsqueeze.bench.evaluators import longgen
 
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
     full = longgen(model, None, "none", prompt, n_tokens=30)

@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from kvsqueeze.bench.evaluate import Cell, SampleEvaluator
+from kvsqueeze.bench.evaluators import Cell, evaluator_for
 from kvsqueeze.bench.tasks import TaskSpec, default_lengths, generate, generated_tokens, task_version
 from kvsqueeze.bench.tasks.base import Sample
-from kvsqueeze.bench.text import encode
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.prompts import encode
 from kvsqueeze.spec import parse_method
 
 RESULTS = "results.jsonl"
@@ -457,7 +457,7 @@ def environment() -> dict:
 def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Iterator[dict]:
     """Rows of one job, one per cell (errors become rows); the cells of a sample are evaluated together."""
     sample = job.sample
-    evaluator = SampleEvaluator(model, tokenizer, sample, config.query_aware)
+    evaluator = evaluator_for(model, tokenizer, sample, config.query_aware)
     start = time.perf_counter()
     memo = None
     if sample.kind in ("qa", "continuation", "multiturn"):  # cells built from one captured prefill share scoring work

@@ -10,30 +10,15 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from kvsqueeze.assets import austen_novels
 from kvsqueeze.data import essays
+from kvsqueeze.prompts import encode
 
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 _WORD = re.compile(r"\b[a-z]{4,10}\b")
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens (any HF tokenizer, or anything with the same ``encode``)."""
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def continuation_ids(tokenizer, before: str, after: str) -> list[int]:
-    """Token ids of ``after`` as they follow ``before``'s tokens: ``encode(before + after)`` minus
-    ``encode(before)`` when the latter is its prefix (the tokens a model writes after that prompt), otherwise
-    ``encode(after)`` (a merge across the boundary, which a model continuing ``before``'s tokens cannot write)."""
-    head = encode(tokenizer, before)
-    whole = encode(tokenizer, before + after)
-    if len(whole) > len(head) and whole[: len(head)] == head:
-        return whole[len(head) :]
-    return encode(tokenizer, after)
-
-
-@lru_cache(maxsize=4)
-def _essay_stream(tokenizer) -> tuple[list[int], list[int]]:
+def essay_stream(tokenizer) -> tuple[list[int], list[int]]:
     """All essays joined by blank lines, as token ids, and the token index where each essay starts."""
     ids: list[int] = []
     starts: list[int] = []
@@ -45,7 +30,7 @@ def _essay_stream(tokenizer) -> tuple[list[int], list[int]]:
 
 def essay_haystack(tokenizer, n_tokens: int, essay_index: int) -> str:
     """About ``n_tokens`` tokens of essay text starting at the beginning of essay ``essay_index`` (wrapping)."""
-    ids, starts = _essay_stream(tokenizer)
+    ids, starts = essay_stream(tokenizer)
     start = starts[essay_index % len(starts)]
     window = (ids + ids)[start : start + max(n_tokens, 0)]
     return tokenizer.decode(window, skip_special_tokens=True)
@@ -64,8 +49,6 @@ def vocabulary() -> tuple[str, ...]:
 @lru_cache(maxsize=1)
 def austen() -> tuple[tuple[str, str], ...]:
     """``(novel, text)`` for Jane Austen's six novels, read from the package's own compressed asset."""
-    from kvsqueeze.assets import austen_novels
-
     novels = austen_novels()
     return tuple((name, novels[name]) for name in AUSTEN_NOVELS)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from kvsqueeze.bench.tasks.base import Sample, rng_for
-from kvsqueeze.bench.text import _essay_stream, austen_paragraphs, encode
+from kvsqueeze.bench.text import austen_paragraphs, essay_stream
+from kvsqueeze.prompts import encode
 
 CONTINUATION_TOKENS = 64
 
@@ -55,7 +56,7 @@ def generate_ppl(tokenizer, *, samples: int, length: int, seed: int, option: str
 
 
 def generate_fidelity(tokenizer, *, samples: int, length: int, seed: int, option: str | None = None) -> list[Sample]:
-    ids, starts = _essay_stream(tokenizer)
+    ids, starts = essay_stream(tokenizer)
     out = []
     for i in range(samples):
         rng = rng_for("fidelity", length, seed, i)

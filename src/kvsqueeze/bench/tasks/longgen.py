@@ -4,7 +4,7 @@ Prompt: ``length`` tokens of essay text (a seeded essay, as ``fidelity``) follow
 long response, in the model's chat format. The evaluator generates ``N`` tokens greedily with the full cache
 (``min_new_tokens = N``: no early stop), then teacher-forces that continuation one token at a time under each
 method (so decoding-time schedules recompress exactly as during generation), via
-:func:`kvsqueeze.schedules_eval.longgen`. Reported per cell: top-1 agreement with the full cache's tokens
+:func:`kvsqueeze.bench.evaluators.longgen.longgen`. Reported per cell: top-1 agreement with the full cache's tokens
 (primary score, higher is better), mean and max ``KL(full ‖ compressed)`` in nats, tokens held per KV head at
 the end, bytes held, and decode tokens/s relative to the full cache's teacher-forced run of the same sample.
 

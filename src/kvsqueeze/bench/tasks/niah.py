@@ -28,8 +28,9 @@ from __future__ import annotations
 import re
 
 from kvsqueeze.bench.tasks.base import Question, Sample, rng_for
-from kvsqueeze.bench.text import encode, essay_haystack, vocabulary
+from kvsqueeze.bench.text import essay_haystack, vocabulary
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.prompts import encode
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

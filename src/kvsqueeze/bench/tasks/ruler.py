@@ -21,8 +21,9 @@ from __future__ import annotations
 import string
 
 from kvsqueeze.bench.tasks.base import Question, Sample, rng_for
-from kvsqueeze.bench.text import encode, vocabulary
+from kvsqueeze.bench.text import vocabulary
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.prompts import encode
 
 FILLER = "The river runs to the sea. The hills are quiet today. The bread is warm. Here we go again. "
 HOPS = 4

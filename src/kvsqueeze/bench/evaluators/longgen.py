@@ -13,7 +13,9 @@ import time
 
 import torch
 
+from kvsqueeze.bench.evaluators.base import Cell, Evaluator
 from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.prompts import prompt_ids
 
 
 def _teacher_forced(model, cache, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -73,3 +75,41 @@ def longgen(
         "relative_speed": reference["seconds"] / seconds,
         "reference": reference,
     }
+
+
+class LonggenEvaluator(Evaluator):
+    """Teacher-force the full cache's greedy N-token generation under each cell (:func:`longgen`); the full cache's
+    run is the reference every other cell reuses."""
+
+    kind = "longgen"
+
+    def __init__(self, model, tokenizer, sample, query_aware: bool):
+        super().__init__(model, tokenizer, sample, query_aware)
+        q = sample.questions[0]
+        self.context_ids, self.question_ids = prompt_ids(tokenizer, sample.context, q.text, q.answer_prefix)
+        self.full: dict | None = None
+
+    def evaluate(self, cell: Cell) -> dict:
+        n_tokens = self.sample.questions[0].max_new_tokens
+        ids = torch.cat([self.context_ids, self.question_ids], dim=-1).to(self.model.device)
+        if self.full is None:
+            self.full = longgen(self.model, self.tokenizer, "none", ids, n_tokens=n_tokens)
+        if cell.method == "none":
+            res = self.full
+        else:
+            res = longgen(self.model, self.tokenizer, cell.method, ids, n_tokens=n_tokens, ratio=cell.ratio,
+                          reference=self.full["reference"])  # fmt: skip
+        n, prompt = int(res["generated_tokens"]), int(res["prompt_tokens"])
+        top1 = res["top1_agreement"]
+        return {
+            "scores": {"score": top1, "top1": top1, "kl": res["kl_mean"], "kl_max": res["kl_max"]},
+            "cache_bytes": res["cache_bytes"],
+            "full_bytes": res["full_cache_bytes"],
+            "tokens_compressed": prompt + n - 1,  # what the full cache holds at the end
+            "tokens_kept_mean": res["tokens_held_end"],
+            "prompt_tokens": prompt,
+            "generated_tokens": n,
+            "decode_tokens_per_second": res["decode_tok_s"],
+            "full_decode_tokens_per_second": res["full_decode_tok_s"],
+            "decode_vs_full": res["relative_speed"],
+        }
