@@ -218,14 +218,14 @@ class CompressedCache(Cache):
 
     # ---- what users ask ----------------------------------------------------------------------------------------
     def held_objects(self) -> list:
-        """What the cache keeps alive: every layer's storage and the cache-wide state."""
+        """What the cache keeps alive: every layer's storage, the cache-wide state and the token ids it records."""
         objects: list = []
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
                 objects += layer.tensors()
             elif layer.is_initialized:
                 objects += [layer.keys, layer.values]
-        return [*objects, self.shared_state]
+        return [*objects, self.shared_state, self.tokens]
 
     def storages(self) -> dict[tuple, int]:
         """Distinct storages the cache keeps alive: key → bytes."""

@@ -14,6 +14,7 @@ from kvsqueeze.bench.capture import build_cache
 from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt
 from kvsqueeze.core.cache import CompressedCache
 
+
 class BatchedEvaluator(Evaluator):
     """Subclasses turn each row's gold logits (and their own decoding) into result rows: :meth:`rows`."""
 
