@@ -28,7 +28,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvsqueeze.core.attention_math import fused_partial_attention, merge_partials, partial_attention, sink_partial
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.core.masks import causal, visibility
-from kvsqueeze.core.storage import KVBlock, owned, storage_bytes
+from kvsqueeze.core.storage import DenseBlock, KVBlock, owned, storage_bytes
 from kvsqueeze.errors import KVSqueezeError
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.compressions = 0
         self.hold = 0  # newest tail tokens of a multi-token forward, flushed at the next update
+        self.kept_run = 0  # newest compressed tokens every row and head kept, stored last: crop may remove them
         self.state: dict = {}
 
     @property
@@ -72,6 +73,12 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise KVSqueezeError(
+                f"the cache holds {self.keys.shape[0]} row(s) but this forward has {key_states.shape[0]}: beam search "
+                "or several sequences per prompt over a prefilled cache need one cache per row (or cache.fork() and a "
+                "batch of the same size)"
+            )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         new = key_states.shape[-2]
@@ -171,11 +178,13 @@ class CompressedLayer(CacheLayerMixin):
         cols = self._columns(L, keys.device) if self.is_sliding else None
         codec = self.codec
         self.blocks, self.front_cols = [], None
+        run = int(keep.flatten(0, 1).all(0).flip(0).cumprod(0).sum()) if codec.is_dense and L else 0
         if codec.is_dense and bool((lengths == lengths[0, 0]).all()):
             k = int(lengths[0, 0])
             self.keys = keys[keep].view(B, H, k, D)
             self.values = values[keep].view(B, H, k, -1)
             self.n_front = k
+            self.kept_run = run
             if cols is not None:
                 self.front_cols = cols.expand(B, H, L)[keep].view(B, H, k)
                 self.front_last = int(self.front_cols.max()) if k else -1
@@ -197,6 +206,7 @@ class CompressedLayer(CacheLayerMixin):
                 self.blocks = [block]
             self.keys, self.values = owned(keys[..., L - r :, :]), owned(values[..., L - r :, :])
             self.n_front = 0
+            self.kept_run = run if isinstance(self.blocks[-1:] and self.blocks[-1], DenseBlock) else 0
         self.compressions += 1
         self.hold = 0
 
@@ -331,20 +341,33 @@ class CompressedLayer(CacheLayerMixin):
 
     # ---- generate features --------------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the newest tokens (transformers' convention: a negative count), within the uncompressed tail."""
+        """Remove the newest tokens (transformers' convention: a negative count): the uncompressed tail, and the newest
+        compressed tokens too when every row and head kept them in full precision (assisted generation's first
+        forward holds the prompt and the draft tokens together; rejected drafts are cropped after compression)."""
         if tokens_to_remove > 0:
             raise KVSqueezeError("crop takes a negative count of tokens to remove (transformers' convention)")
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        if n > self.n_recent or (self.compressed and self.state.get("aligned")):
+        croppable = self.n_recent + (0 if self.is_sliding else self.kept_run)
+        if n > croppable or (self.compressed and self.state.get("aligned")):
             raise KVSqueezeError(
-                f"cannot crop {n} tokens from layer {self.layer_idx}: only the {self.n_recent} newest are still "
-                "uncompressed (assisted generation can only roll back tokens not yet compressed)"
+                f"cannot crop {n} tokens from layer {self.layer_idx}: only the {croppable} newest can be removed "
+                "(rolled-back tokens must not be compressed or evicted yet; decoding schedules cannot roll back)"
             )
-        self.keys, self.values = owned(self.keys[..., :-n, :]), owned(self.values[..., :-n, :])
+        from_compressed = max(n - self.n_recent, 0)
+        if from_compressed and self.n_front:  # every recent token goes, then the newest of the dense front
+            self.n_front -= from_compressed
+            front = self.n_front
+            self.keys, self.values = owned(self.keys[..., :front, :]), owned(self.values[..., :front, :])
+        else:
+            if from_compressed:  # the newest tokens of every segment of the last (dense) block
+                self.blocks[-1] = self.blocks[-1].drop_newest(from_compressed)
+            keep = self.keys.shape[-2] - (n - from_compressed)
+            self.keys, self.values = owned(self.keys[..., :keep, :]), owned(self.values[..., :keep, :])
+        self.kept_run -= from_compressed
         self.seen -= n
-        self.hold = max(self.hold - n, 0)
+        self.hold = max(self.hold - (n - from_compressed), 0)
         if not self.compressed and "valid" in self.state:
             self.state["valid"] = owned(self.state["valid"][:, :-n])
 

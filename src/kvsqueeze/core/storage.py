@@ -158,6 +158,20 @@ class DenseBlock(KVBlock):
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys.to(dtype), self.values.to(dtype)
 
+    def drop_newest(self, count: int) -> DenseBlock:
+        """The block without the newest ``count`` tokens of every (row, head) segment."""
+        flat = self.lengths.flatten()
+        starts = torch.cumsum(flat, 0) - flat
+        kept = flat - count
+        index = torch.repeat_interleave(starts, kept) + (
+            torch.arange(int(kept.sum())) - torch.repeat_interleave(torch.cumsum(kept, 0) - kept, kept)
+        )
+        index = index.to(self.keys.device)
+        block = DenseBlock(self.keys[index], self.values[index], kept.view_as(self.lengths))
+        if self.positions is not None:
+            block.positions = owned(self.positions[index])
+        return block
+
     def select_rows(self, rows: torch.Tensor) -> DenseBlock:
         index, lengths = segment_index(self.lengths, rows)
         index = index.to(self.keys.device)
