@@ -36,7 +36,7 @@ from kvsqueeze.spec import register
 
 
 def pair_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply ``[[cos, -sin], [sin, cos]]`` to each half-split RoPE pair of ``x [..., D]`` (``cos``/``sin`` ``[..., D/2]``).
+    """Apply ``[[cos, -sin], [sin, cos]]`` (``[..., D/2]`` each) to the half-split RoPE pairs of ``x [..., D]``.
 
     With ``cos``/``sin`` of one angle this is RoPE; with the *averages* of several angles it is the averaged
     rotation matrix (no longer orthogonal)."""
