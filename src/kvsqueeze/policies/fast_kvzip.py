@@ -197,17 +197,18 @@ def train_gates(
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(gates.parameters(), lr=lr, momentum=momentum)
     n = data.tokens
+    batch = min(batch, n)
     losses = []
-    order = torch.randperm(n, generator=gen)
-    at = 0
+    at, epoch = n, None
     gates.train()
     for step in range(steps):
-        if at + batch > n:
-            order, at = torch.randperm(n, generator=gen), 0
-        idx = order[at : at + batch]
+        if at + batch > n:  # a new epoch: shuffle once, then take contiguous slices (views)
+            order = torch.randperm(n, generator=gen)
+            epoch = ({i: h[order] for i, h in data.hidden.items()}, {i: t[:, order] for i, t in data.targets.items()})
+            at = 0
+        hidden = {i: h[at : at + batch] for i, h in epoch[0].items()}
+        targets = {i: t[:, at : at + batch] for i, t in epoch[1].items()}
         at += batch
-        hidden = {i: h[idx] for i, h in data.hidden.items()}
-        targets = {i: t[:, idx] for i, t in data.targets.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr * step_schedule(step, steps)
         optimizer.zero_grad(set_to_none=True)
