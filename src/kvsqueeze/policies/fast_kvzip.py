@@ -1,0 +1,430 @@
+"""Fast KVzip — "Fast KVzip: Efficient and Accurate LLM Inference with Gated KV Eviction" (Kim, Han, Yun;
+arXiv 2601.17668).
+
+KVzip's reconstruction pass is accurate but costs a second pass over the context. Fast KVzip learns, per layer,
+a tiny *gate* that predicts KVzip's score of a token from the hidden state entering the attention layer (the
+normalised input of ``q_proj``/``k_proj``), so scoring costs almost nothing and runs during chunked prefill and
+decoding alike. Only the gates learn; the LLM stays frozen and only runs forward passes (to produce the hidden
+states and the KVzip targets).
+
+Gate (the paper's *low-rank sink attention*, :class:`SinkGate`): from the hidden state ``h`` of a token, a
+low-rank query per query head of the KV group ``q = RMSNorm(W_q h + b_q)`` and a key per KV head
+``k = RMSNorm(W_k h)`` (``dim`` = 16); ``S`` = 16 learned *sink keys* per KV head. The token's score is the
+softmax weight of its own key among ``{k} ∪ sinks`` under its own query, with a learned per-(head, group) bias on
+the self logit — i.e. ``sigmoid(q.k/√dim + b − logsumexp_s(q.sink_s/√dim))`` — averaged over the group. Scores
+lie in (0, 1) like KVzip's max attention.
+
+Training (:func:`train_gates`): binary cross-entropy between the gate's score and the KVzip score (a soft target),
+averaged over tokens, summed over heads and layers; SGD with momentum 0.9, learning rate 0.2 with the reference
+code's step schedule (1 % warm-up, ×0.5 after half the steps, ×0.25 after three quarters), batches of 1000 tokens,
+every 100th token held out.
+
+Use (:class:`FastKVzip`): the first ``sinks`` tokens and a recent window are always kept — 4096 tokens, or
+``window_ratio`` (2 %) of the context when the context is shorter than the prefill chunk (16k); the rest is ranked
+jointly over all layers and heads (as KVzip). During decoding the paper scores new tokens every ``buffer`` (128)
+steps with a 128-token recent window.
+
+Deviations: the training text is the offline essay collection (the paper: FineWeb-Edu), a few thousand tokens,
+so a run takes minutes on a CPU; KVzip targets come from :func:`kvzip_scores_reference`;
+:func:`calibrate_fast_kvzip` defaults to 2000 steps of 256 tokens (the reference code: 5000 steps of 1000, about
+25 minutes per 1000 steps on this CPU); the scorer needs the hidden states entering each attention layer, which
+the compression pipeline must supply (``ctx.hidden_states`` or ``ctx.shared[FAST_KVZIP_SCORES]``, see
+``docs/notes/query-agnostic.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from kvsqueeze.calibration.store import model_key
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.data import essays
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import cache_dir, load_model
+from kvsqueeze.policies.base import PROTECTED, Scorer
+from kvsqueeze.policies.kvzip import (
+    RepeatPrompt,
+    attention_modules,
+    compressed_layers,
+    global_counts,
+    kvzip_scores_reference,
+    repeat_prompt,
+)
+from kvsqueeze.spec import register
+
+FAST_KVZIP_SCORES = "fast_kvzip_scores"  # ctx.shared key: {layer_idx: [B, H, L] gate scores of every layer}
+
+
+# ---- the gate ----------------------------------------------------------------------------------------------
+class SinkGate(nn.Module):
+    """Low-rank sink-attention gate of one layer: hidden states ``[B, L, hidden]`` → scores ``[B, H, L]`` in (0, 1)."""
+
+    def __init__(self, hidden: int, kv_heads: int, groups: int, dim: int = 16, sinks: int = 16):
+        super().__init__()
+        self.kv_heads, self.groups, self.dim = kv_heads, groups, dim
+        self.q_proj = nn.Linear(hidden, kv_heads * groups * dim, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_heads * dim, bias=False)
+        self.q_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.sink_keys = nn.Parameter(torch.zeros(kv_heads, sinks, dim))
+        self.bias = nn.Parameter(torch.zeros(kv_heads, groups))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Self logit minus the log-sum-exp of the sink logits: ``[B, L, H, G]`` (the score is its sigmoid)."""
+        B, L, _ = hidden.shape
+        h = hidden.to(self.q_proj.weight.dtype)
+        q = self.q_norm(self.q_proj(h).view(B, L, self.kv_heads, self.groups, self.dim))
+        k = self.k_norm(self.k_proj(h).view(B, L, self.kv_heads, 1, self.dim))
+        scale = 1.0 / math.sqrt(self.dim)
+        own = (q * k).sum(-1) * scale + self.bias  # [B, L, H, G]
+        sink = torch.einsum("blhgd,hsd->blhgs", q, self.sink_keys) * scale
+        return own - torch.logsumexp(sink, dim=-1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(hidden)).mean(-1).transpose(1, 2)  # [B, H, L]
+
+
+class Gates(nn.Module):
+    """One :class:`SinkGate` per compressed layer of a model."""
+
+    def __init__(self, layers: list[int], hidden: int, kv_heads: int, groups: int, dim: int = 16, sinks: int = 16):
+        super().__init__()
+        self.layers = list(layers)
+        self.shape = {"hidden": hidden, "kv_heads": kv_heads, "groups": groups, "dim": dim, "sinks": sinks}
+        self.gates = nn.ModuleDict({str(i): SinkGate(hidden, kv_heads, groups, dim, sinks) for i in self.layers})
+
+    @classmethod
+    def for_model(cls, config, dim: int = 16, sinks: int = 16) -> Gates:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        groups = text.num_attention_heads // text.num_key_value_heads
+        return cls(compressed_layers(text), text.hidden_size, text.num_key_value_heads, groups, dim, sinks)
+
+    def __getitem__(self, layer: int) -> SinkGate:
+        return self.gates[str(layer)]
+
+    @torch.no_grad()
+    def scores(self, hidden: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``{layer: [B, H, L]}`` from the hidden states entering each layer's attention ``{layer: [B, L, hidden]}``."""
+        return {i: self[i](h).float() for i, h in hidden.items()}
+
+
+# ---- data from the frozen model ----------------------------------------------------------------------------
+@torch.no_grad()
+def capture_hidden(model, input_ids: torch.Tensor, cache=None) -> dict[int, torch.Tensor]:
+    """Hidden states entering each compressed layer's attention ``{layer: [B, L, hidden]}`` from one forward
+    (pre-hooks on the attention modules, removed afterwards); ``cache`` (e.g. a ``DynamicCache``) is filled."""
+    layers = set(compressed_layers(model.config))
+    found: dict[int, torch.Tensor] = {}
+
+    def hook(module, args, kwargs):
+        idx = int(module.layer_idx)
+        if idx in layers:
+            found[idx] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model).values()]
+    try:
+        model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+@dataclass
+class GateData:
+    """Training pairs: hidden states ``{layer: [N, hidden]}`` and KVzip targets ``{layer: [H, N]}`` (N tokens)."""
+
+    hidden: dict[int, torch.Tensor]
+    targets: dict[int, torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.targets.values())).shape[-1]
+
+
+@torch.no_grad()
+def gate_data(model, contexts: list[torch.Tensor], prompt: RepeatPrompt, start: int = 0, chunk: int = 2000) -> GateData:
+    """Hidden states and KVzip targets of the tokens ``[start:]`` of each context ``[1, L]`` (forward passes only)."""
+    from transformers import DynamicCache
+
+    hidden: dict[int, list[torch.Tensor]] = {}
+    targets: dict[int, list[torch.Tensor]] = {}
+    for ids in contexts:
+        cache = DynamicCache()
+        states = capture_hidden(model, ids, cache)
+        scores = kvzip_scores_reference(model, ids, chunk, prompt=prompt, start=start, cache=cache)
+        for i, s in scores.items():
+            hidden.setdefault(i, []).append(states[i][0, start:].float().cpu())
+            targets.setdefault(i, []).append(s[0, :, start:].float().cpu())
+    return GateData({i: torch.cat(h) for i, h in hidden.items()}, {i: torch.cat(t, -1) for i, t in targets.items()})
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+def step_schedule(step: int, steps: int) -> float:
+    """The reference code's learning-rate multiplier: warm-up over 1 % of the steps, then 1, 0.5, 0.25."""
+    if step < 0.01 * steps:
+        return (step + 1) / max(0.01 * steps, 1.0)
+    if step < 0.5 * steps:
+        return 1.0
+    return 0.5 if step < 0.75 * steps else 0.25
+
+
+def gate_loss(gates: Gates, hidden: dict[int, torch.Tensor], targets: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Binary cross-entropy of gate scores vs KVzip targets: mean over tokens, summed over heads and layers."""
+    total = torch.zeros(())
+    for i in gates.layers:
+        logits = gates[i].logits(hidden[i][None])  # [1, N, H, G]
+        pred = torch.sigmoid(logits).mean(-1)[0].T.clamp(1e-7, 1 - 1e-7)  # [H, N]
+        total = total + F.binary_cross_entropy(pred, targets[i].to(pred.dtype), reduction="none").mean(-1).sum()
+    return total
+
+
+def train_gates(
+    gates: Gates,
+    data: GateData,
+    steps: int = 1000,
+    batch: int = 1000,
+    lr: float = 0.2,
+    momentum: float = 0.9,
+    seed: int = 0,
+) -> list[float]:
+    """Fit ``gates`` to ``data`` (only the gates learn); returns the training loss of every step."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(gates.parameters(), lr=lr, momentum=momentum)
+    n = data.tokens
+    batch = min(batch, n)
+    losses = []
+    at, epoch = n, None
+    gates.train()
+    for step in range(steps):
+        if at + batch > n:  # a new epoch: shuffle once, then take contiguous slices (views)
+            order = torch.randperm(n, generator=gen)
+            epoch = ({i: h[order] for i, h in data.hidden.items()}, {i: t[:, order] for i, t in data.targets.items()})
+            at = 0
+        hidden = {i: h[at : at + batch] for i, h in epoch[0].items()}
+        targets = {i: t[:, at : at + batch] for i, t in epoch[1].items()}
+        at += batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr * step_schedule(step, steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss = gate_loss(gates, hidden, targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    gates.eval()
+    return losses
+
+
+def split_every(data: GateData, every: int = 100) -> tuple[GateData, GateData]:
+    """The reference code's split: every ``every``-th token held out."""
+    test = (torch.arange(data.tokens) + 1) % every == 0
+    part = lambda keep: GateData(  # noqa: E731
+        {i: h[keep] for i, h in data.hidden.items()}, {i: t[:, keep] for i, t in data.targets.items()}
+    )
+    return part(~test), part(test)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last axis (ranks by stable sort; ties get distinct ranks)."""
+
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        r = torch.empty_like(x, dtype=torch.float64)
+        order = torch.argsort(x, dim=-1, stable=True)
+        r.scatter_(-1, order, torch.arange(x.shape[-1], dtype=torch.float64).expand_as(x).contiguous())
+        return r - r.mean(-1, keepdim=True)
+
+    ra, rb = ranks(a), ranks(b)
+    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp(min=1e-30)
+
+
+@torch.no_grad()
+def rank_correlation(gates: Gates, data: GateData) -> float:
+    """Mean Spearman correlation between gate scores and KVzip targets over layers and heads."""
+    values = [spearman(gates[i](data.hidden[i][None])[0], data.targets[i]) for i in gates.layers]
+    return float(torch.cat(values).mean())
+
+
+# ---- saving and loading ------------------------------------------------------------------------------------
+def gates_file(config, tag: str = "") -> Path:
+    """Where the gates of the model with ``config`` are cached (``tag`` distinguishes training settings)."""
+
+    name = "fast_kvzip" + (f"-{tag}" if tag else "")
+    return cache_dir() / "calibration" / model_key(SimpleNamespace(config=config)) / f"{name}.safetensors"
+
+
+def save_gates(gates: Gates, path: Path, **meta) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"layers": json.dumps(gates.layers), "shape": json.dumps(gates.shape), "meta": json.dumps(meta)}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in gates.state_dict().items()}, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
+def load_gates(path: Path) -> tuple[Gates, dict]:
+    """``(gates, training metadata)`` from a file written by :func:`save_gates`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise KVSqueezeError(
+            f"no fast_kvzip gates at {path}; run kvsqueeze.policies.fast_kvzip.calibrate_fast_kvzip(MODEL) "
+            "or pass gates=PATH.safetensors"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        gates = Gates(json.loads(header["layers"]), **json.loads(header["shape"]))
+        gates.load_state_dict(load_file(str(path)))
+        meta = json.loads(header.get("meta", "{}"))
+    except (SafetensorError, KeyError, ValueError, RuntimeError, OSError):
+        raise KVSqueezeError(f"{path} is not a fast_kvzip gate file; retrain it") from None
+    return gates.eval(), meta
+
+
+def calibrate_fast_kvzip(
+    model: str | None = None,
+    out: Path | None = None,
+    texts: int = 6,
+    tokens: int = 1024,
+    held_out: int = 2,
+    steps: int = 2000,
+    batch: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Train Fast KVzip gates for ``model`` (None = embedded SmolLM2) on ``texts`` essay contexts of ``tokens``
+    tokens (KVzip targets from the frozen model), report the rank correlation with KVzip on ``held_out`` other
+    essays, and save the gates (cached per model)."""
+
+    torch.manual_seed(seed)
+    net, tokenizer = load_model(model)
+    prompt = repeat_prompt(tokenizer)
+    pool = essays()
+
+    def context(i: int) -> torch.Tensor:
+        return tokenizer(pool[i], add_special_tokens=False, return_tensors="pt").input_ids[:, :tokens].to(net.device)
+
+    began = time.perf_counter()
+    train = gate_data(net, [context(len(pool) - 1 - i) for i in range(texts)], prompt)  # the end of the collection
+    test = gate_data(net, [context(i) for i in range(held_out)], prompt)  # the essays benchmarks start with
+    data_seconds = time.perf_counter() - began
+    gates = Gates.for_model(net.config)
+    before = rank_correlation(gates, test)
+    began = time.perf_counter()
+    losses = train_gates(gates, train, steps=steps, batch=batch, seed=seed)
+    train_seconds = time.perf_counter() - began
+    meta = {
+        "model": model or "embedded",
+        "texts": texts,
+        "tokens": tokens,
+        "steps": steps,
+        "batch": batch,
+        "train_tokens": train.tokens,
+        "data_seconds": round(data_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "heldout_spearman_init": before,
+        "heldout_spearman": rank_correlation(gates, test),
+    }
+    return save_gates(gates, Path(out) if out is not None else gates_file(net.config.get_text_config()), **meta)
+
+
+# ---- the scorer --------------------------------------------------------------------------------------------
+@register
+class FastKVzip(Scorer):
+    name = "fast_kvzip"
+    family = "eviction"
+    paper = "Fast KVzip: Efficient and Accurate LLM Inference with Gated KV Eviction"
+    arxiv = "2601.17668"
+    gates: str = ""  # gate file ('' = this model's cached gates)
+    sinks: int = Field(4, ge=0)
+    window: int = Field(4096, ge=0)  # recent tokens kept (long contexts)
+    window_ratio: float = Field(0.02, ge=0.0, le=1.0)  # recent window for contexts shorter than `chunk`
+    chunk: int = Field(16000, ge=1)  # prefill chunk (read by the pipeline)
+    buffer: int = Field(128, ge=1)  # decoding: new tokens scored every `buffer` steps (read by the pipeline)
+    allocation: Literal["global", "layer", "uniform"] = "global"
+
+    def recent(self, length: int) -> int:
+        """The protected recent window for a context of ``length`` tokens."""
+        return int(self.window_ratio * length) if length < self.chunk else self.window
+
+    def protected(self, length: int) -> int:
+        return min(length, self.sinks + self.recent(length))
+
+    def _gates(self, ctx: LayerContext) -> Gates:
+        gates = ctx.state.get("fast_kvzip_gates")
+        if gates is None:
+            config = ctx.shared.get("config")
+            if not self.gates and config is None:
+                raise KVSqueezeError("fast_kvzip needs the model's config or gates=PATH; use CompressedCache")
+            gates, _ = load_gates(Path(self.gates).expanduser() if self.gates else gates_file(config))
+            if ctx.layer_idx not in gates.layers or gates.shape["kv_heads"] != ctx.keys.shape[1]:
+                raise KVSqueezeError(
+                    f"fast_kvzip gates cover layers {gates.layers} with {gates.shape['kv_heads']} KV heads; this is "
+                    f"layer {ctx.layer_idx} with {ctx.keys.shape[1]}: train gates for this model"
+                )
+            ctx.state["fast_kvzip_gates"] = gates
+        return gates
+
+    def _raw(self, ctx: LayerContext) -> dict[int, torch.Tensor]:
+        """Gate scores: every layer's from the pipeline, or this layer's from ``ctx.hidden_states``."""
+        shared = ctx.shared.get(FAST_KVZIP_SCORES)
+        if shared is not None:
+            return shared
+        hidden = getattr(ctx, "hidden_states", None)
+        if hidden is None:
+            raise KVSqueezeError(
+                "fast_kvzip needs the hidden states entering each attention layer, which this pipeline does not "
+                "provide yet; use kvzip:level=head or expected_attention"
+            )
+        return {ctx.layer_idx: self._gates(ctx)[ctx.layer_idx](hidden[:, -ctx.length :]).float()}
+
+    def _finish(self, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        n = valid.sum(-1, keepdim=True)
+        rank = valid.long().cumsum(-1) - 1
+        recent = torch.tensor([self.recent(int(x)) for x in n.flatten()], device=valid.device)[:, None]
+        keep = valid & ((rank < self.sinks) | (rank >= n - recent))
+        score = raw.float().masked_fill(keep[:, None, :], PROTECTED)
+        return score.masked_fill(~valid[:, None, :], float("-inf"))
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        raw = self._raw(ctx)
+        if ctx.layer_idx not in raw or tuple(raw[ctx.layer_idx].shape) != (*ctx.keys.shape[:2], ctx.length):
+            raise KVSqueezeError(f"fast_kvzip: no gate scores matching layer {ctx.layer_idx}'s tokens")
+        return self._finish(raw[ctx.layer_idx].to(ctx.keys.device), ctx.valid)
+
+    def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor | None:
+        if self.allocation == "uniform":
+            return None
+        if self.allocation == "layer":
+            return global_counts(scores[None], keep_per_head)[0]
+        raw = self._raw(ctx)
+        if len(raw) == 1 and ctx.num_layers > 1:
+            raise KVSqueezeError(
+                "fast_kvzip's global budget ranks every layer's gate scores at once, which this pipeline does not "
+                "provide; use fast_kvzip:allocation=layer"
+            )
+        memo_key = ("fast_kvzip_plan", tuple(keep_per_head.tolist()))
+        memo = ctx.shared.get(memo_key)
+        if memo is None or memo[0] is not raw:
+            order = sorted(raw)
+            stacked = torch.stack([self._finish(raw[i].to(scores.device), ctx.valid) for i in order])
+            counts = global_counts(stacked, keep_per_head)
+            memo = ctx.shared[memo_key] = (raw, {i: counts[j] for j, i in enumerate(order)})
+        return memo[1][ctx.layer_idx]

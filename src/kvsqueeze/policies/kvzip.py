@@ -1,0 +1,453 @@
+"""KVzip — "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction" (Kim et al., arXiv 2505.23416).
+
+A cache is good for *any* future question if the model can rebuild the context from it. After the context is
+prefilled, KVzip runs a *reconstruction pass*: the model is prompted to repeat the context and teacher-forced on
+the context tokens. Each context KV pair is scored by the largest attention it receives from the reconstruction
+queries (max over the queries and over the query heads of its KV group); the lowest-scored pairs are evicted.
+The reconstruction tokens never stay in the cache.
+
+What the paper (and its reference code) does, and what this module implements:
+- **Prompt** (:func:`reconstruction_chunks`): the context is split into chunks of ``chunk`` = 2000 tokens. The
+  first chunk's input is ``"\\n\\nRepeat the previous context exactly."``, the chat template's end of the user turn
+  and start of the assistant turn (``postfix``), then the chunk's tokens. Later chunks use
+  ``"\\n\\nRepeat the part of the previous context exactly, starting with "`` followed by the last 8 tokens of the
+  previous chunk, the postfix, then the chunk. Every chunk is a separate forward on the cache holding only the
+  context (positions continue after the context; the chunk's KV is dropped after its pass), so memory stays
+  bounded by one chunk.
+- **Score** (:func:`reconstruction_scores`): softmax of each reconstruction query over the keys it is compared
+  with, max over the queries of the chunk input (prompt included) and over the query heads of the KV group. In
+  the reference code the softmax runs over the system-prompt keys, the KV *subchunk* being reconstructed and the
+  chunk's own keys (causal) — ``scope="chunk"`` (default); ``scope="full"`` uses every context key instead (the
+  attention the model really computes). Scores of tokens seen by several chunks are combined by a running max.
+- **Budget** (``allocation="global"``, default): all scores of all layers and KV heads are ranked jointly and the
+  ``layers × H × keep`` highest are kept — heads and layers get non-uniform, ragged budgets (``"layer"``: ranked
+  jointly within each layer; ``"uniform"``: leave it to the budget axis, e.g. ``kvzip+pyramidkv``).
+- **Context-independent head-level variant** (``level="head"``): a head's score is the maximum of its pair-level
+  scores over the sequence, calibrated once per model (:func:`calibrate_kvzip_heads`); the highest-scored heads
+  keep their whole cache, the others only the ``sinks`` — no reconstruction pass at inference.
+
+The reconstruction pass itself belongs to the compression pipeline (see ``docs/notes/query-agnostic.md``): it
+puts the per-layer scores under ``ctx.shared[KVZIP_SCORES]``. :func:`kvzip_scores_reference` computes the same
+scores with a plain ``DynamicCache`` and eager attention (ground truth for tests and for the pipeline).
+
+Deviations: the first ``sinks`` tokens are protected (the paper protects the whole system prompt, which
+kvsqueeze's context includes; pass its length as ``sinks`` to match); in the head-level variant the per-head
+score is averaged over the calibration contexts (the paper uses one); batch rows are scored independently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kvsqueeze.calibration.store import model_key
+from kvsqueeze.core.context import LayerContext
+from kvsqueeze.data import essays
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import cache_dir, load_model
+from kvsqueeze.policies.base import PROTECTED, Scorer
+from kvsqueeze.spec import register
+
+KVZIP_SCORES = "kvzip_scores"  # ctx.shared key: {layer_idx: [B, H, L] reconstruction scores} (the pipeline fills it)
+FIRST_PROMPT = "\n\nRepeat the previous context exactly."
+LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
+CHUNK = 2000
+OVERLAP = 8  # tokens of the previous chunk quoted in the next chunk's prompt
+NO_TEMPLATE_POSTFIX = "\nAnswer:"  # what kvsqueeze's pipeline appends when a tokenizer has no chat template
+
+
+# ---- the reconstruction prompt -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RepeatPrompt:
+    """Token ids ``[1, n]`` of the repeat prompts and of the chat template's user-turn end + assistant start."""
+
+    first: torch.Tensor
+    later: torch.Tensor
+    postfix: torch.Tensor
+
+
+def chat_template_parts(tokenizer) -> tuple[str, str]:
+    """``(prefix, postfix)``: the chat template's text before and after a user message (a generation prompt
+    follows); without a template, ``("", "\\nAnswer:")`` as kvsqueeze's pipeline does."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", NO_TEMPLATE_POSTFIX
+    marker = "\x00KVZIP_MESSAGE\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    prefix, postfix = text.split(marker)
+    return prefix, postfix
+
+
+def repeat_prompt(tokenizer) -> RepeatPrompt:
+    """The paper's repeat prompts tokenized for ``tokenizer`` (no special tokens added)."""
+
+    def encode(text: str) -> torch.Tensor:
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+    return RepeatPrompt(encode(FIRST_PROMPT), encode(LATER_PROMPT), encode(chat_template_parts(tokenizer)[1]))
+
+
+@dataclass(frozen=True)
+class ReconstructionChunk:
+    """One reconstruction pass: teacher-forces context tokens ``[start, end)``; ``input_ids [1, n]`` ends with them."""
+
+    start: int
+    end: int
+    input_ids: torch.Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[-1] - (self.end - self.start)
+
+
+def reconstruction_chunks(
+    context_ids: torch.Tensor, prompt: RepeatPrompt, chunk: int = CHUNK, start: int = 0, overlap: int = OVERLAP
+) -> list[ReconstructionChunk]:
+    """The paper's chunked reconstruction inputs for ``context_ids [1, L]`` (tokens before ``start``, e.g. the chat
+    template's system prompt, are not repeated)."""
+    if context_ids.dim() != 2 or context_ids.shape[0] != 1:
+        raise KVSqueezeError("kvzip reconstructs one context at a time: pass context_ids of shape [1, L]")
+    L = context_ids.shape[-1]
+    if not 0 <= start < L:
+        raise KVSqueezeError(f"kvzip: nothing to reconstruct (start {start} of a {L}-token context)")
+    if chunk < 1:
+        raise KVSqueezeError(f"kvzip: chunk must be >= 1 token, got {chunk}")
+    device = context_ids.device
+    out = []
+    for i, begin in enumerate(range(start, L, chunk)):
+        end = min(begin + chunk, L)
+        if i == 0:
+            head = prompt.first.to(device)
+        else:
+            head = torch.cat([prompt.later.to(device), context_ids[:, max(begin - overlap, start) : begin]], dim=-1)
+        ids = torch.cat([head, prompt.postfix.to(device), context_ids[:, begin:end]], dim=-1)
+        out.append(ReconstructionChunk(begin, end, ids))
+    return out
+
+
+def scored_columns(length: int, chunk: ReconstructionChunk, start: int, scope: str) -> torch.Tensor:
+    """Context positions a chunk's softmax runs over: the un-repeated prefix ``[0, start)`` (the system prompt) and
+    the subchunk ``[chunk.start, chunk.end)`` (``"chunk"``, the reference code's choice), or all (``"full"``)."""
+    if scope == "full":
+        return torch.arange(length)
+    return torch.cat([torch.arange(start), torch.arange(chunk.start, chunk.end)])
+
+
+# ---- the score ---------------------------------------------------------------------------------------------
+def reconstruction_scores(
+    queries: torch.Tensor,
+    context_keys: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    scaling: float,
+    context_valid: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Max attention each context key receives from one reconstruction chunk: ``[B, H, L]``.
+
+    ``queries [B, Hq, C, D]`` (post-RoPE), ``context_keys [B, H, L, D]``, ``chunk_keys [B, H, C, D]`` (the chunk's
+    own keys; query ``i`` sees chunk keys ``0..i``). Softmax over context + visible chunk keys in float32; max over
+    the ``C`` queries and the query heads of each KV group. ``block`` splits the queries (running max; same result,
+    attention matrix bounded to ``block × (L + C)``)."""
+    B, Hq, C, D = queries.shape
+    H, L = context_keys.shape[1], context_keys.shape[2]
+    G = Hq // H
+    q = queries.float().view(B, H, G, C, D)
+    kc = context_keys.float()[:, :, None]  # [B, H, 1, L, D]
+    kn = chunk_keys.float()[:, :, None]  # [B, H, 1, C, D]
+    hidden = None if context_valid is None else ~context_valid[:, None, None, None, :]
+    best = torch.full((B, H, L), float("-inf"), device=queries.device)
+    step = block or C
+    for lo in range(0, C, step):
+        qb = q[:, :, :, lo : lo + step]
+        ctx_logits = (qb @ kc.transpose(-1, -2)) * scaling  # [B, H, G, b, L]
+        if hidden is not None:
+            ctx_logits = ctx_logits.masked_fill(hidden, float("-inf"))
+        own = (qb @ kn.transpose(-1, -2)) * scaling  # [B, H, G, b, C]
+        rows = torch.arange(lo, lo + qb.shape[3], device=queries.device)
+        own = own.masked_fill(torch.arange(C, device=queries.device)[None, :] > rows[:, None], float("-inf"))
+        lse = torch.logsumexp(torch.cat([ctx_logits, own], dim=-1), dim=-1, keepdim=True)
+        probs = torch.exp(ctx_logits - lse)
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+    return best.clamp(min=0.0)
+
+
+def accumulate(total: torch.Tensor | None, scores: torch.Tensor, columns: torch.Tensor, length: int) -> torch.Tensor:
+    """Running max across chunks: ``total [B, H, length]`` updated with ``scores [B, H, len(columns)]``."""
+    if total is None:
+        total = scores.new_zeros(*scores.shape[:2], length)
+    columns = columns.to(scores.device)
+    merged = torch.maximum(total.index_select(-1, columns), scores)
+    return total.index_copy(-1, columns, merged)
+
+
+# ---- the reference ----------------------------------------------------------------------------------------
+def compressed_layers(config) -> list[int]:
+    """Indices of the full-attention layers (the ones kvsqueeze compresses)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    return [i for i, kind in enumerate(types) if kind == "full_attention"]
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """The attention module of every decoder layer, by ``layer_idx``."""
+    found = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None and hasattr(module, "o_proj") and idx not in found:
+            found[int(idx)] = module
+    if not found:
+        raise KVSqueezeError(f"kvzip: no attention modules with a layer_idx in {type(model).__name__}")
+    return found
+
+
+@torch.no_grad()
+def kvzip_scores_reference(
+    model,
+    context_ids: torch.Tensor,
+    chunk: int = CHUNK,
+    *,
+    prompt: RepeatPrompt,
+    start: int = 0,
+    scope: Literal["chunk", "full"] = "chunk",
+    cache=None,
+) -> dict[int, torch.Tensor]:
+    """KVzip scores ``{layer: [1, H, L]}`` from a plain eager forward (the ground truth for the pipeline's pass).
+
+    Prefills ``context_ids [1, L]`` into a ``DynamicCache`` (or uses ``cache``, already holding exactly the
+    context), runs each reconstruction chunk with eager attention, reduces each layer's attention weights in a
+    forward hook as soon as they exist (softmax renormalised over the chunk's columns for ``scope="chunk"``), and
+    crops the cache back to the context after every chunk. The model's attention implementation is restored."""
+    from transformers import DynamicCache
+
+    chunks = reconstruction_chunks(context_ids, prompt, chunk, start)
+    L = context_ids.shape[-1]
+    layers = set(compressed_layers(model.config))
+    modules = attention_modules(model)
+    heads = model.config.get_text_config().num_key_value_heads
+    totals: dict[int, torch.Tensor | None] = dict.fromkeys(layers)
+    current: dict = {}
+
+    def hook(module, args, kwargs, output):
+        idx = int(module.layer_idx)
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if idx not in layers or weights is None:
+            return
+        part, columns = current["chunk"], current["columns"]
+        C = part.input_ids.shape[-1]
+        w = weights.float()  # [1, Hq, C, L + C]
+        keep = torch.cat([columns.to(w.device), torch.arange(L, L + C, device=w.device)])
+        w = w.index_select(-1, keep)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)  # softmax restricted to these keys
+        score = w[..., : columns.numel()].view(1, heads, -1, C, columns.numel()).amax(dim=(2, 3))
+        totals[idx] = accumulate(totals[idx], score, columns, L)
+
+    previous = model.config._attn_implementation
+    handles = []
+    model.set_attn_implementation("eager")
+    try:
+        if cache is None:
+            cache = DynamicCache()
+            model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        elif cache.get_seq_length() != L:
+            raise KVSqueezeError(f"kvzip: the cache holds {cache.get_seq_length()} tokens, the context {L}")
+        handles = [modules[i].register_forward_hook(hook, with_kwargs=True) for i in sorted(layers)]
+        for part in chunks:
+            current["chunk"], current["columns"] = part, scored_columns(L, part, start, scope)
+            positions = torch.arange(L, L + part.input_ids.shape[-1], device=context_ids.device)[None]
+            model(
+                input_ids=part.input_ids,
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=positions,
+                logits_to_keep=1,
+            )
+            cache.crop(-part.input_ids.shape[-1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.set_attn_implementation(previous)
+    return {i: t for i, t in totals.items() if t is not None}
+
+
+# ---- budgets -----------------------------------------------------------------------------------------------
+def global_counts(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The paper's non-uniform budget: the ``layers × H × keep[b]`` highest of ``scores [layers, B, H, L]`` (invalid
+    tokens ``-inf``) ranked jointly over layers, heads and tokens; returns counts ``[layers, B, H]``. Ties: lower
+    (layer, head, token) index first."""
+    n_layers, B, H, L = scores.shape
+    flat = scores.permute(1, 0, 2, 3).reshape(B, -1).float()
+    available = (flat > float("-inf")).sum(-1)
+    total = torch.minimum(n_layers * H * keep.to(flat.device), available)
+    order = torch.argsort(flat, dim=-1, descending=True, stable=True)
+    chosen = torch.arange(flat.shape[-1], device=flat.device)[None, :] < total[:, None]
+    counts = torch.zeros(B, n_layers * H, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(1, order // L, chosen.long())
+    return counts.view(B, n_layers, H).permute(1, 0, 2)
+
+
+def head_level_counts(head_scores: torch.Tensor, keep: int, n: int, base: int) -> torch.Tensor:
+    """Head-level eviction: every head keeps ``base`` tokens, then the highest-scored heads ``[layers, H]`` take
+    their whole ``n`` tokens in turn until ``layers × H × keep`` are spent (the last one partially)."""
+    base = min(base, n)
+    if keep < base:
+        raise KVSqueezeError(f"kvzip (head level) keeps {base} sink tokens per head but the budget is {keep}")
+    extra = head_scores.numel() * (keep - base)
+    order = torch.argsort(head_scores.flatten().float(), descending=True, stable=True)
+    room = n - base
+    before = torch.arange(order.numel()) * room  # extra tokens spent on better heads
+    share = (extra - before).clamp(min=0, max=room)
+    counts = torch.empty_like(share)
+    counts[order] = share + base
+    return counts.view(head_scores.shape)
+
+
+# ---- head-level calibration --------------------------------------------------------------------------------
+def heads_file(config) -> Path:
+    """Where the head-level calibration of the model with ``config`` is cached."""
+
+    return cache_dir() / "calibration" / model_key(SimpleNamespace(config=config)) / "kvzip_heads.json"
+
+
+def head_scores_from_pairs(scores: dict[int, torch.Tensor], sinks: int) -> torch.Tensor:
+    """Per-head score ``[layers, H]``: max over the sequence of the pair-level scores (sinks excluded)."""
+    return torch.stack([s[0, :, sinks:].amax(-1) for _, s in sorted(scores.items())])
+
+
+def calibrate_kvzip_heads(
+    model: str | None = None, out: Path | None = None, texts: int = 2, tokens: int = 1024, sinks: int = 4
+) -> Path:
+    """Head-level KVzip scores for ``model`` (None = embedded SmolLM2) from ``texts`` essay contexts of ``tokens``
+    tokens (the end of the essay collection, away from the benchmarks' start); written as JSON and cached."""
+
+    net, tokenizer = load_model(model)
+    prompt = repeat_prompt(tokenizer)
+    config = net.config.get_text_config()
+    per_text = []
+    for i in range(texts):
+        text = "\n\n".join(reversed(essays()[-(i + 1) * 4 : len(essays()) - i * 4]))
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :tokens].to(net.device)
+        scores = kvzip_scores_reference(net, ids, prompt=prompt)
+        per_text.append(head_scores_from_pairs(scores, sinks))
+    head = torch.stack(per_text).mean(0)
+    path = Path(out) if out is not None else heads_file(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"model": model or "embedded", "texts": texts, "tokens": tokens, "sinks": sinks}
+    data |= {"layers": compressed_layers(config), "scores": head.tolist()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_head_scores(heads: str, config) -> tuple[list[int], torch.Tensor]:
+    """``(layer indices, scores [layers, H])`` from a JSON path, or the cached calibration for ``config``."""
+    if not heads and config is None:
+        raise KVSqueezeError(
+            "kvzip:level=head needs the model config or heads=PATH.json; use CompressedCache(model, ...)"
+        )
+    path = Path(heads).expanduser() if heads else heads_file(config)
+    if not path.is_file():
+        raise KVSqueezeError(
+            f"no kvzip head calibration at {path}; run kvsqueeze.policies.kvzip.calibrate_kvzip_heads(MODEL) "
+            "or pass heads=PATH.json"
+        )
+    try:
+        data = json.loads(path.read_text())
+        return [int(i) for i in data["layers"]], torch.tensor(data["scores"], dtype=torch.float32)
+    except (ValueError, KeyError, TypeError):
+        raise KVSqueezeError(f"{path} is not a kvzip head calibration; recalibrate it") from None
+
+
+# ---- the scorer --------------------------------------------------------------------------------------------
+@register
+class KVzip(Scorer):
+    name = "kvzip"
+    family = "eviction"
+    paper = "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
+    arxiv = "2505.23416"
+    level: Literal["pair", "head"] = "pair"
+    allocation: Literal["global", "layer", "uniform"] = "global"
+    sinks: int = Field(4, ge=0)
+    chunk: int = Field(CHUNK, ge=1)  # context tokens per reconstruction pass (read by the pipeline)
+    scope: Literal["chunk", "full"] = "chunk"  # keys in the reconstruction softmax (read by the pipeline)
+    heads: str = ""  # level=head: calibration JSON ('' = this model's cached calibration)
+
+    def protected(self, length: int) -> int:
+        return min(self.sinks, length)
+
+    def _sinks(self, valid: torch.Tensor) -> torch.Tensor:
+        return valid & (valid.long().cumsum(-1) <= self.sinks)
+
+    def _finish(self, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        score = raw.float().masked_fill(self._sinks(valid)[:, None, :], PROTECTED)
+        return score.masked_fill(~valid[:, None, :], float("-inf"))
+
+    def _pair_scores(self, ctx: LayerContext) -> dict[int, torch.Tensor]:
+        scores = ctx.shared.get(KVZIP_SCORES)
+        if scores is None:
+            raise KVSqueezeError(
+                "kvzip needs its reconstruction pass, which this pipeline did not run; use kvzip:level=head "
+                "(calibrated, no pass) or expected_attention"
+            )
+        if ctx.layer_idx not in scores:
+            raise KVSqueezeError(f"kvzip: no reconstruction scores for layer {ctx.layer_idx}")
+        got = tuple(scores[ctx.layer_idx].shape)
+        if got != (ctx.keys.shape[0], ctx.keys.shape[1], ctx.length):
+            raise KVSqueezeError(
+                f"kvzip: reconstruction scores of shape {got} do not match the layer's "
+                f"{(ctx.keys.shape[0], ctx.keys.shape[1], ctx.length)} (batch, KV heads, tokens)"
+            )
+        return scores
+
+    def _head_plan(self, ctx: LayerContext) -> tuple[list[int], torch.Tensor]:
+        cached = ctx.state.get("kvzip_heads")
+        if cached is None:
+            layers, scores = load_head_scores(self.heads, ctx.shared.get("config"))
+            if ctx.layer_idx not in layers or scores.shape[1] != ctx.keys.shape[1]:
+                raise KVSqueezeError(
+                    f"kvzip head calibration {self.heads or 'cached'!r} covers layers {layers} with "
+                    f"{scores.shape[1]} KV heads; this is layer {ctx.layer_idx} with {ctx.keys.shape[1]}: recalibrate"
+                )
+            cached = ctx.state["kvzip_heads"] = (layers, scores)
+        return cached
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        if self.level == "head":
+            self._head_plan(ctx)
+            recency = (ctx.valid.long().cumsum(-1) - 1).float()[:, None, :].expand(-1, ctx.keys.shape[1], -1)
+            return self._finish(recency, ctx.valid)
+        return self._finish(self._pair_scores(ctx)[ctx.layer_idx].to(ctx.keys.device), ctx.valid)
+
+    def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor | None:
+        if self.level == "head":
+            layers, head = self._head_plan(ctx)
+            n_real = ctx.valid.sum(-1).tolist()
+            rows = [
+                head_level_counts(head, int(k), int(n), self.sinks)[layers.index(ctx.layer_idx)]
+                for k, n in zip(keep_per_head.tolist(), n_real, strict=True)
+            ]
+            return torch.stack(rows).to(scores.device)
+        if self.allocation == "uniform":
+            return None
+        if self.allocation == "layer":
+            return global_counts(scores[None], keep_per_head)[0]
+        return self._global_plan(ctx, keep_per_head)[ctx.layer_idx]
+
+    def _global_plan(self, ctx: LayerContext, keep: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Counts of every scored layer from one joint ranking (computed once per cache and budget)."""
+        pairs = self._pair_scores(ctx)
+        memo_key = ("kvzip_plan", tuple(keep.tolist()), self.sinks)
+        memo = ctx.shared.get(memo_key)
+        if memo is None or memo[0] is not pairs:
+            order = sorted(pairs)
+            stacked = torch.stack([self._finish(pairs[i].to(ctx.keys.device), ctx.valid) for i in order])
+            counts = global_counts(stacked, keep)
+            memo = ctx.shared[memo_key] = (pairs, {i: counts[j] for j, i in enumerate(order)})
+        return memo[1]
