@@ -6,6 +6,8 @@ from kvsqueeze import codecs, policies, schedules
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
+from kvsqueeze.pipeline import Pipeline, pipeline
+from kvsqueeze.scope import compress
 from kvsqueeze.spec import parse_method, registry
 
 try:  # the version lives in pyproject.toml only
@@ -16,10 +18,13 @@ except PackageNotFoundError:  # a source tree on sys.path without an install
 __all__ = [
     "CompressedCache",
     "KVSqueezeError",
+    "Pipeline",
     "__version__",
     "codecs",
+    "compress",
     "load_model",
     "parse_method",
+    "pipeline",
     "policies",
     "registry",
     "schedules",

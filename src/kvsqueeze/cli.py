@@ -192,7 +192,7 @@ def generate(
         if budget is not None and budget >= n_compressed:
             err.print(f"[yellow]warning:[/yellow] --budget {budget} >= {n_compressed} prompt tokens: no compression")
             budget = n_compressed
-        cache = CompressedCache(lm, spec, ratio=ratio, budget=budget)
+        cache = CompressedCache(lm, spec, ratio=ratio, budget=budget, tokenizer=tokenizer)
         with err.status(f"generating with {spec.spec()}…"):
             result = answer(
                 lm, tokenizer, method, text, question, query_aware=query_aware,
@@ -383,6 +383,50 @@ def calibrate_heads(
             path = run(model, out_path, progress=steps)
     usage = "--method razorattention" if out_path is None else f"--method 'razorattention:heads={path}'"
     _print_result(path, usage)
+
+
+@calibrate_app.command("fast_kvzip")
+def calibrate_fast_kvzip(
+    model: Annotated[str | None, _MODEL_OPTION] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="where to write the gates (default: the model's cache folder)")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="training steps")] = 2000,
+    texts: Annotated[int, typer.Option(min=1, help="training contexts (essays)")] = 6,
+) -> None:
+    """Fast KVzip: train the per-layer gates on KVzip targets of the frozen model (cached per model)."""
+    with user_errors():
+        from kvsqueeze.policies.fast_kvzip import calibrate_fast_kvzip as run
+
+        _check_out(out_path)
+        with _calibration("fast_kvzip gate training", model) as progress:
+            path = run(model, out_path, texts=texts, steps=steps, progress=progress)
+    _print_result(path, "--method fast_kvzip" if out_path is None else f"--method 'fast_kvzip:gates={path}'")
+
+
+@calibrate_app.command("kvzip-heads")
+def calibrate_kvzip_heads(
+    model: Annotated[str | None, _MODEL_OPTION] = None,
+    out_path: Annotated[Path | None, _OUT_OPTION] = None,
+) -> None:
+    """KVzip's context-independent head-level scores (kvzip:level=head), cached per model."""
+    with user_errors():
+        from kvsqueeze.policies.kvzip import calibrate_kvzip_heads as run
+
+        _check_out(out_path)
+        with _calibration("kvzip head calibration", model) as progress:
+            path = run(model, out_path, progress=progress)
+    usage = "--method kvzip:level=head" if out_path is None else f"--method 'kvzip:level=head,heads={path}'"
+    _print_result(path, usage)
+
+
+def _check_out(path: Path | None) -> None:
+    """An --out that can be written (checked before the model loads)."""
+    if path is None:
+        return
+    from kvsqueeze.calibration.heads import check_output_path
+
+    check_output_path(path)
 
 
 def _version(value: bool) -> None:

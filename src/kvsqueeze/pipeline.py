@@ -1,10 +1,12 @@
-"""Answer a question about a context through ``model.generate`` with a compressed cache, and time it.
+"""Answer questions about a context through ``model.generate`` with a compressed cache, and time it.
 
-Two modes:
+``kvsqueeze.pipeline(model, tokenizer, method, ratio=…)`` is kvpress' pipeline for kvsqueeze: it compresses a
+context once and answers a list of questions from it, each from a fork of the compressed context (the answer is
+removed from the cache afterwards: the next question sees the context only). Two modes:
 
-- query-agnostic (default): the context alone is prefilled and compressed, then the question is answered from
-  a fork of that cache (so several questions can share one compressed context);
-- query-aware: the whole prompt, question included, is prefilled and compressed.
+- query-agnostic (default): the context alone is prefilled and compressed, then every question is answered from
+  a fork of that cache;
+- query-aware: for each question, the whole prompt, question included, is prefilled and compressed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.prompts import prompt_ids
 
@@ -70,14 +73,9 @@ def answer(
     """Generate an answer with ``method`` and report what the cache held and how fast it ran."""
     context_ids, question_ids = prompt_ids(tokenizer, context, question)
     full_ids = torch.cat([context_ids, question_ids], dim=-1).to(model.device)
-    cache = cache or CompressedCache(model, method, ratio=ratio, budget=budget)
+    cache = cache or CompressedCache(model, method, ratio=ratio, budget=budget, tokenizer=tokenizer)
     compressed_part = full_ids if query_aware else context_ids.to(model.device)
-    protected = cache.method.scorer.protected(compressed_part.shape[-1]) if cache.method.evicts else 0
-    if cache.method.evicts and compressed_part.shape[-1] <= protected:
-        raise KVSqueezeError(
-            f"context of {compressed_part.shape[-1]} tokens is not longer than the {protected} tokens "
-            f"{cache.method.scorer.name} always keeps; give a longer context"
-        )
+    check_context(cache, compressed_part.shape[-1])
     prefill_seconds = 0.0
     if not query_aware:
         start = time.perf_counter()
@@ -90,7 +88,7 @@ def answer(
         out = model.generate(
             full_ids,
             attention_mask=torch.ones_like(full_ids),
-            past_key_values=cache,
+            **with_cache(model, cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             stopping_criteria=StoppingCriteriaList([clock]),
@@ -117,3 +115,85 @@ def answer(
         decode_tokens_per_second=decode_rate,
         new_tokens=int(new.shape[-1]),
     )
+
+
+class Pipeline:
+    """Compress a context once, answer several questions from it (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, method: str = "snapkv", *, ratio=None, budget: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.method, self.ratio, self.budget = method, ratio, budget
+        self._cache()  # validate the request now, in one line
+
+    def __call__(
+        self,
+        context: str,
+        question: str | None = None,
+        questions: list[str] | None = None,
+        *,
+        answer_prefix: str = "",
+        max_new_tokens: int = 32,
+        query_aware: bool = False,
+    ) -> dict:
+        """``{"answer": str}`` for one ``question``, ``{"answers": [str, ...]}`` for ``questions``, with ``"stats"``
+        (what the compressed context holds)."""
+        if (question is None) == (questions is None):
+            raise KVSqueezeError("give either question= or questions=[...]")
+        asked = [question] if question is not None else list(questions)
+        if not asked or any(not isinstance(q, str) or not q.strip() for q in asked):
+            raise KVSqueezeError("every question must be a non-empty string")
+        answers, stats = [], None
+        context_cache = None
+        for q in asked:
+            context_ids, question_ids = prompt_ids(self.tokenizer, context, q, answer_prefix)
+            full_ids = torch.cat([context_ids, question_ids], dim=-1)
+            if query_aware:
+                cache = self._cache()
+                check_context(cache, full_ids.shape[-1])
+            else:
+                if context_cache is None:
+                    context_cache = self._cache()
+                    check_context(context_cache, context_ids.shape[-1])
+                    context_cache.prefill(self.model, context_ids)
+                    stats = context_cache.stats()
+                cache = context_cache.fork()
+                cache.expect(full_ids)
+            out = generate_greedy(self.model, self.tokenizer, full_ids, cache, max_new_tokens)
+            answers.append(self.tokenizer.decode(out, skip_special_tokens=True).strip())
+            stats = stats if not query_aware else cache.stats()
+        result = {"answer": answers[0]} if question is not None else {"answers": answers}
+        result["stats"] = {k: v for k, v in stats.items() if k != "tokens_kept"}
+        return result
+
+    def _cache(self) -> CompressedCache:
+        return CompressedCache(self.model, self.method, ratio=self.ratio, budget=self.budget, tokenizer=self.tokenizer)
+
+
+def pipeline(model, tokenizer, method: str = "snapkv", *, ratio=None, budget: int | None = None) -> Pipeline:
+    """A :class:`Pipeline`: ``pipeline(model, tok, "snapkv", ratio=0.5)(context, questions=[...])["answers"]``."""
+    return Pipeline(model, tokenizer, method, ratio=ratio, budget=budget)
+
+
+def check_context(cache: CompressedCache, length: int) -> None:
+    """Refuse a compressed part no longer than the tokens the method always keeps."""
+    protected = cache.method.scorer.protected(length) if cache.method.evicts else 0
+    if cache.method.evicts and length <= protected:
+        raise KVSqueezeError(
+            f"context of {length} tokens is not longer than the {protected} tokens {cache.method.scorer.name} "
+            "always keeps; give a longer context"
+        )
+
+
+def generate_greedy(model, tokenizer, full_ids: torch.Tensor, cache: CompressedCache, max_new_tokens: int):
+    """Greedy new token ids of ``full_ids [1, L]`` with ``cache`` (which may already hold a prefix)."""
+    full_ids = full_ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(
+            full_ids,
+            attention_mask=torch.ones_like(full_ids),
+            **with_cache(model, cache),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, full_ids.shape[-1] :]

@@ -78,16 +78,17 @@ def validate_budget(ratio: object, budget: object, method: object) -> tuple[floa
     schedule = parsed.schedule
     fields = type(schedule).model_fields
     if "budget" in fields:  # a decoding schedule keeps a token budget while generating
+        own_ratio = getattr(schedule, "ratio", None)
+        if own_ratio is not None and (budget_value is not None or ratio_value):
+            given = f"budget {budget_value}" if budget_value is not None else f"ratio {ratio_value:g}"
+            raise KVSqueezeError(
+                f"{spec} sets its own ratio ({own_ratio:g}); the {given} would never be applied: give one of them"
+            )
         own = getattr(schedule, "budget", None)
         if own is not None and (budget_value is not None or ratio_value):
             given = f"budget {budget_value}" if budget_value is not None else f"ratio {ratio_value:g}"
             raise KVSqueezeError(
                 f"{spec} sets its own budget ({own} tokens); the {given} would never be applied: give one of them"
-            )
-        if ratio_value and "ratio" not in fields:
-            raise KVSqueezeError(
-                f"{schedule.name} keeps a token budget, so ratio {ratio_value:g} would never be applied; "
-                f"give a budget instead (e.g. {schedule.name}:budget=256)"
             )
         return ratio_value, budget_value
     if not parsed.evicts and (ratio_value or budget_value is not None):

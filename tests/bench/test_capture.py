@@ -8,6 +8,7 @@ import torch
 from kvsqueeze.bench.capture import build_cache, capture_prefill, forward, greedy
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.spec import parse_method
+from tests.bench.conftest import CharTokenizer
 from tests.conftest import tiny_model
 
 METHODS = [
@@ -42,6 +43,7 @@ def _prompt(n: int = 160, seed: int = 1) -> torch.Tensor:
 def live_cache_after_prefill(model, method: str, ratio: float | None, ids: torch.Tensor) -> int:
     """Bytes the live path holds right after the prefill forward (before any decoding step)."""
     cache = CompressedCache(model, method, ratio=ratio)
+    cache.expect(ids)  # the tokens are known, as in a captured build
     forward(model, cache, ids, keep=1)
     return cache.nbytes()
 
@@ -53,6 +55,7 @@ def test_captured_path_equals_live_generate(model, method):
     ratio = 0.5 if spec.evicts and spec.schedule.name == "prefill" else None  # decoding schedules: their budget
     ids = _prompt()
     live_cache = CompressedCache(model, method, ratio=ratio)
+    live_cache.expect(ids)
     with torch.no_grad():
         live = model.generate(
             ids, attention_mask=torch.ones_like(ids), past_key_values=live_cache, max_new_tokens=6,
@@ -101,6 +104,7 @@ def test_captured_path_equals_live_on_sliding_window_layers(method):
     ratio = 0.5 if parse_method(method).evicts else None
     ids = _prompt(120, seed=4)
     live_cache = CompressedCache(model, method, ratio=ratio)
+    live_cache.expect(ids)
     with torch.no_grad():
         live = model.generate(
             ids, attention_mask=torch.ones_like(ids), past_key_values=live_cache, max_new_tokens=5,
@@ -135,6 +139,7 @@ def test_h2o_accumulated_attention_is_computed_once_per_prefill(model):
         assert calls == len(prefill.layers)  # once per layer, not once per layer and ratio
         for ratio, cache in caches.items():
             live = CompressedCache(model, "h2o", ratio=ratio)
+            live.expect(ids)
             forward(model, live, ids, keep=1)  # the prompt, compressed during its forward pass
             expected = forward(model, live, torch.tensor([[7, 8, 9]]))
             torch.testing.assert_close(forward(model, cache, torch.tensor([[7, 8, 9]])), expected, rtol=1e-5,
@@ -161,3 +166,26 @@ def test_snapkv_votes_shared_across_ratios_and_budgets_equal_live(model):
         assert cache.stats()["tokens_kept"] == live.stats()["tokens_kept"]
     assert sorted({k[0] for k in prefill.memo}) == ["snapkv.votes:32"]
     assert len(prefill.memo) == len(prefill.layers)
+
+
+@pytest.mark.parametrize("method", ["kvzip:chunk=64", "kvzip:chunk=64+kivi:bits=4"])
+def test_whole_context_scorer_captured_equals_live_and_runs_its_pass_once(model, method, monkeypatch):
+    """KVzip's reconstruction pass runs on the cache built from the capture exactly as on the live one; caches built
+    from one prefill share one pass (every ratio reuses its scores)."""
+    from kvsqueeze.policies import kvzip
+
+    tok = CharTokenizer()
+    ids = _prompt(150, seed=4)
+    live = CompressedCache(model, method, ratio=0.5, tokenizer=tok)
+    live.prefill(model, ids)
+    kept = live.stats()["tokens_kept"]
+    question = torch.tensor([[9, 10, 11]])
+    expected = forward(model, live, question)
+    passes = []
+    original = kvzip.reconstruction_pass
+    monkeypatch.setattr(kvzip, "reconstruction_pass", lambda *a, **k: passes.append(1) or original(*a, **k))
+    prefill = capture_prefill(model, ids)
+    built = [build_cache(model, prefill, method, ratio, tok) for ratio in (0.5, 0.75)]
+    assert len(passes) == 1
+    assert built[0].stats()["tokens_kept"] == kept
+    torch.testing.assert_close(forward(model, built[0], question), expected, rtol=0, atol=0)  # the same computation

@@ -51,7 +51,7 @@ def test_empty_question(question):
     [
         (["--method", "none", "--ratio", "0.5"], "the full cache: the ratio 0.5 would never be applied"),
         (["--method", "kivi", "--budget", "10"], "kivi stores every token (a codec without a scorer)"),
-        (["--method", "h2o+interval", "--ratio", "0.5"], "interval keeps a token budget"),
+        (["--method", "h2o+interval:ratio=0.5", "--budget", "10"], "sets its own ratio"),
     ],
 )
 def test_ratio_or_budget_that_would_never_be_applied(args, message):
@@ -111,6 +111,15 @@ def test_calibrate_heads_checks_its_output_and_model_before_any_work(tmp_path):
     _one_line(result, "is a directory; give a .json file")
     result = runner.invoke(app, ["calibrate", "heads", "--model", str(tmp_path / "nothing-here"), "--out",
                                  str(tmp_path / "h.json")])  # fmt: skip
+    _one_line(result, "model path not found")
+
+
+@pytest.mark.parametrize("command", ["fast_kvzip", "kvzip-heads"])
+def test_kvzip_calibrations_check_their_output_and_model_before_any_work(tmp_path, command):
+    afile = tmp_path / "taken"
+    afile.write_text("x")
+    _one_line(runner.invoke(app, ["calibrate", command, "--out", str(afile / "out")]), "cannot write the calibration to")
+    result = runner.invoke(app, ["calibrate", command, "--model", str(tmp_path / "nothing-here")])
     _one_line(result, "model path not found")
 
 

@@ -20,7 +20,9 @@ from transformers import DynamicCache, PretrainedConfig
 from kvsqueeze import CompressedCache
 from kvsqueeze.calibration.heads import save_head_scores
 from kvsqueeze.calibration.kvquant import fit_kvquant
+from kvsqueeze.policies.fast_kvzip import Gates, save_gates
 from kvsqueeze.spec import registry
+from tests.bench.conftest import CharTokenizer
 from tests.conftest import tiny_model
 
 STOP = (
@@ -87,6 +89,8 @@ def specs(model, tmp_path_factory) -> list[str]:
     )
     kvquant = root / "kvquant.json"
     kvquant.write_text(json.dumps(fit_kvquant(model, None, n_tokens=64)))
+    torch.manual_seed(0)
+    gates = save_gates(Gates.for_model(model.config), root / "gates.safetensors")
     kvtuner = root / "kvtuner.json"
     kvtuner.write_text(json.dumps({"layers": {str(i): [4, 2] for i in range(layers)}}))
     special = {
@@ -99,6 +103,7 @@ def specs(model, tmp_path_factory) -> list[str]:
         "lazyeviction": "lazyeviction:budget=48,window=8",
         "triattention": "triattention:budget=48,every=4",
         "prefill": "snapkv:window=8",
+        "fast_kvzip": f"fast_kvzip:gates={gates}",
     }
     codec_params = {"cskv": "cskv:rank_k=8,rank_v=8"}  # the tiny model's head dim is 16
     out = []
@@ -137,7 +142,7 @@ def live_then_agnostic(model, spec: str, before: set | None) -> None:
     """Both uses of a cache; with ``before`` (the storages alive beforehand) check that nothing is left behind.
     A dropped cache or fork is freed by reference counting alone (no cycle waits for the garbage collector)."""
     # live: compression inside generate's prefill
-    cache = CompressedCache(model, spec, ratio=ratio_for(spec))
+    cache = CompressedCache(model, spec, ratio=ratio_for(spec), tokenizer=CharTokenizer())
     with torch.no_grad():
         model.generate(ids(100), past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert_nbytes_is_storage(cache, spec)
@@ -146,7 +151,7 @@ def live_then_agnostic(model, spec: str, before: set | None) -> None:
     assert gone() is None, spec
 
     # query-agnostic: prefill the context, answer from a fork, the context stays compressed
-    cache = CompressedCache(model, spec, ratio=ratio_for(spec))
+    cache = CompressedCache(model, spec, ratio=ratio_for(spec), tokenizer=CharTokenizer())
     cache.prefill(model, ids(100, seed=1))
     assert_nbytes_is_storage(cache, spec)
     context_bytes = cache.nbytes()

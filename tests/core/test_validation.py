@@ -50,7 +50,7 @@ def test_accepted_requests(ratio, budget, method, expected):
         (None, 10, "none", "the budget 10 would never be applied"),
         (None, 10, "kivi", "kivi stores every token (a codec without a scorer): the budget 10 would never be applied"),
         (0.5, None, "kivi:bits=4", "e.g. 'snapkv+kivi:bits=4'"),
-        (0.5, None, "h2o+interval", "interval keeps a token budget, so ratio 0.5 would never be applied"),
+        (None, 32, "h2o+interval:ratio=0.5", "sets its own ratio (0.5); the budget 32 would never be applied"),
         (None, 32, "h2o+interval:budget=64", "sets its own budget (64 tokens); the budget 32 would never be applied"),
     ],
 )

@@ -5,16 +5,18 @@ forward hooks."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.context import SCRATCH, LayerContext
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import PROTECTED
 from kvsqueeze.policies.fast_kvzip import (
     FAST_KVZIP_SCORES,
+    GATE_SCORES,
     FastKVzip,
     GateData,
     Gates,
@@ -133,9 +135,17 @@ def test_window_follows_the_paper():
     assert scorer.recent(2000) == 40 and scorer.recent(20000) == 4096 and scorer.protected(2000) == 44
 
 
-def test_scorer_on_captured_hidden_states_layer_allocation():
-    """One layer's scores from ``ctx.hidden_states`` (the integration contract): sinks and window protected, the
-    rest are the gate's scores; budgets ranked across the layer's heads."""
+@pytest.fixture
+def gates_path(tmp_path):
+    """Random gates of the tiny Llama (the scorer's wiring does not depend on what they learned)."""
+    torch.manual_seed(5)
+    gates = Gates.for_model(tiny_model("llama").config)
+    return save_gates(gates, tmp_path / "gates.safetensors"), gates
+
+
+def test_scorer_on_given_gate_scores_layer_allocation():
+    """Sinks and the recent window are protected, the rest are the gate's scores; ``allocation=layer`` ranks the
+    layer's heads jointly."""
     model = tiny_model("llama")
     ids = context(100, seed=4)
     hidden = capture_hidden(model, ids)
@@ -143,36 +153,48 @@ def test_scorer_on_captured_hidden_states_layer_allocation():
     gates = Gates.for_model(model.config)
     keys = torch.zeros(1, 2, 100, 16)
     ctx = LayerContext(1, 2, keys, keys, None, torch.ones(1, 100, dtype=torch.bool), 0.25)
-    ctx.hidden_states = hidden[1]
-    ctx.state["fast_kvzip_gates"] = gates
+    ctx.shared[FAST_KVZIP_SCORES] = gates.scores(hidden)
     scorer = FastKVzip(allocation="layer", window_ratio=0.05)
     score = scorer.score(ctx)
     assert (score[..., :4] == PROTECTED).all() and (score[..., -5:] == PROTECTED).all()
     assert torch.allclose(score[..., 4:-5], gates[1](hidden[1])[..., 4:-5])
     counts = scorer.counts(score, torch.tensor([30]), ctx)
     assert counts.sum() == 60 and torch.equal(counts, global_counts(score[None], torch.tensor([30]))[0])
-    with pytest.raises(KVSqueezeError, match="allocation=layer"):
-        FastKVzip().counts(score, torch.tensor([30]), ctx)
 
 
-def test_scorer_needs_hidden_states():
+def test_missing_gates_are_refused_before_any_model_work(tmp_path):
     model = tiny_model("llama")
-    cache = CompressedCache(model, "fast_kvzip:allocation=layer", ratio=0.5)
-    with pytest.raises(KVSqueezeError, match="hidden states"):
-        cache.prefill(model, context(20))
+    with pytest.raises(KVSqueezeError, match="calibrate_fast_kvzip"):
+        CompressedCache(model, f"fast_kvzip:gates={tmp_path / 'none.safetensors'}", ratio=0.5)
 
 
 @pytest.mark.parametrize("spec", ["fast_kvzip", "fast_kvzip+kivi:bits=4"])
-def test_gate_scores_of_every_layer_through_the_cache(spec):
-    """With every layer's gate scores (what the pipeline will provide) the paper's global budget is exact."""
+def test_gates_score_the_hidden_states_of_the_live_forward(gates_path, spec, monkeypatch):
+    """The cache's hooks run the gates on the hidden states entering each attention layer during the prefill (the
+    same as on hidden states captured alone, to float32 rounding), every layer is compressed with the paper's joint
+    ranking of those scores, and the hooks leave with the cache."""
+    path, gates = gates_path
     model = tiny_model("llama")
     ids = context(60, seed=6)
-    gates = Gates.for_model(model.config)
-    scores = gates.scores(capture_hidden(model, ids))
-    cache = CompressedCache(model, spec, ratio=0.5)
-    cache.shared_state[FAST_KVZIP_SCORES] = scores
+    seen = {}
+    prepare = FastKVzip.prepare
+
+    def spy(self, host):
+        seen.update(host.shared_state[SCRATCH][GATE_SCORES])
+        prepare(self, host)
+
+    monkeypatch.setattr(FastKVzip, "prepare", spy)
+    cache = CompressedCache(model, spec.replace("fast_kvzip", f"fast_kvzip:gates={path}"), ratio=0.5)
     cache.prefill(model, ids)
+    alone = gates.scores(capture_hidden(model, ids))
+    assert all(torch.allclose(seen[i], alone[i], atol=4 * EPS32, rtol=4 * EPS32) for i in (0, 1))
+    stacked = torch.stack([FastKVzip()._finish(seen[i], torch.ones(1, 60, dtype=torch.bool)) for i in (0, 1)])
+    want = global_counts(stacked, torch.tensor([30]))[:, 0].tolist()
     kept = cache.stats()["tokens_kept"]
-    assert sum(x for rows in kept.values() for heads in rows for x in heads) == 2 * 2 * 30
+    assert [kept[i][0] for i in (0, 1)] == want and sum(map(sum, want)) == 2 * 2 * 30
+    assert GATE_SCORES not in cache.shared_state.get(SCRATCH, {})  # nothing of the scoring stays
     out = model.generate(ids, past_key_values=cache.fork(), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 63)
+    gone = weakref.ref(cache)
+    del cache
+    assert gone() is None and not any(m._forward_pre_hooks for m in model.modules())

@@ -4,6 +4,7 @@ paper's global non-uniform budget, the head-level variant, and composition with 
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsqueeze import CompressedCache
-from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.compat import passed_cache
+from kvsqueeze.core.context import SCRATCH, LayerContext
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import PROTECTED
 from kvsqueeze.policies.kvzip import (
@@ -27,14 +29,20 @@ from kvsqueeze.policies.kvzip import (
     head_scores_from_pairs,
     kvzip_scores_reference,
     reconstruction_chunks,
+    reconstruction_pass,
     reconstruction_scores,
     repeat_prompt,
     scored_columns,
 )
+from tests.bench.conftest import CharTokenizer
 from tests.conftest import tiny_model
 
 PROMPT = RepeatPrompt(torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]]), torch.tensor([[8, 9]]))
 EPS32 = torch.finfo(torch.float32).eps
+
+
+class Chars(CharTokenizer):
+    """One token per character, no chat template: the repeat prompt is the paper's text, character by character."""
 
 
 def context(n: int, seed: int = 0) -> torch.Tensor:
@@ -120,7 +128,7 @@ def capture_layer(model, layer: int, store: list):
         q = module.q_proj(h).view(*h.shape[:-1], -1, module.head_dim).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         q = apply_rotary_pos_emb(q, q, cos, sin)[0]
-        keys = kwargs["past_key_values"].layers[layer].keys
+        keys = passed_cache(kwargs).layers[layer].keys
         store.append((q, keys, module.scaling))
 
     return attn.register_forward_hook(hook, with_kwargs=True)
@@ -205,7 +213,7 @@ def test_head_level_counts_give_whole_heads_to_the_best():
 # ---- through the cache -------------------------------------------------------------------------------------
 def kvzip_cache(model, ids, spec, ratio, **kw):
     scores = kvzip_scores_reference(model, ids, 16, prompt=PROMPT, **kw)
-    cache = CompressedCache(model, spec, ratio=ratio)
+    cache = CompressedCache(model, spec, ratio=ratio, tokenizer=Chars())
     cache.shared_state[KVZIP_SCORES] = scores
     cache.prefill(model, ids)
     return cache, scores
@@ -245,20 +253,72 @@ def test_kvzip_on_gemma3_scores_full_attention_layers_only():
     cache, scores = kvzip_cache(model, ids, "kvzip", 0.5)
     assert set(scores) == {1, 3}
     kept = cache.stats()["tokens_kept"]
-    assert sum(x for rows in kept.values() for heads in rows for x in heads) == 2 * 1 * 20
+    assert sum(kept[i][0][0] for i in (1, 3)) == 2 * 1 * 20  # the global ranking spans the full-attention layers
+    # sliding layers keep the newest half of the 7 tokens their window still shows (window 8), uniform budget
+    assert [kept[i][0][0] for i in (0, 2)] == [4, 4]
 
 
-def test_kvzip_without_its_pass_says_so():
+def test_the_live_pass_equals_the_eager_reference_and_leaves_no_trace():
+    """The pass through the cache (the model's own sdpa attention, replayed chunk by chunk) gives the eager
+    reference's scores; every layer holds the same tensors afterwards."""
+    model, tok = tiny_model("llama"), Chars()
+    ids = context(50, seed=3)
+    host = CompressedCache(model, "none", tokenizer=tok)
+    host.prefill(model, ids)
+    before = [(layer.keys, layer.values, layer.seen) for layer in host.layers]
+    for scope in ("chunk", "full"):
+        live = reconstruction_pass(host, chunk=16, scope=scope, block=5)
+        ref = kvzip_scores_reference(model, ids, 16, prompt=repeat_prompt(tok), scope=scope)
+        # different kernels (sdpa here, eager weights in the reference) round differently: a few float32 eps
+        tol = 4 * EPS32
+        assert set(live) == {0, 1} and all(torch.allclose(live[i], ref[i], atol=tol, rtol=tol) for i in (0, 1))
+    after = [(layer.keys, layer.values, layer.seen) for layer in host.layers]
+    assert all(a[0] is b[0] and a[1] is b[1] and a[2] == b[2] == 50 for a, b in zip(before, after, strict=True))
+    assert host.get_seq_length() == 50 and host.attention_observer is None and not host.replaying
+
+
+def test_kvzip_compresses_with_its_own_pass_live_and_in_generate():
+    """Prefill and ``model.generate`` both run the pass: the kept counts are the global top of the pass's scores
+    (the same computation on an uncompressed cache), and the reconstruction tokens never stay."""
+    model, tok = tiny_model("llama"), Chars()
+    ids = context(48, seed=6)
+    host = CompressedCache(model, "none", tokenizer=tok)
+    host.prefill(model, ids)
+    stacked = torch.stack([s for _, s in sorted(reconstruction_pass(host, chunk=16).items())])
+    stacked[..., :4] = PROTECTED
+    want = global_counts(stacked, torch.tensor([12]))[:, 0].tolist()
+    cache = CompressedCache(model, "kvzip:chunk=16", ratio=0.75, tokenizer=tok)
+    cache.prefill(model, ids)
+    kept = cache.stats()["tokens_kept"]
+    assert [kept[i][0] for i in (0, 1)] == want and cache.get_seq_length() == 48
+    assert KVZIP_SCORES not in cache.shared_state.get(SCRATCH, {})  # the scores went with the prefill
+    live = CompressedCache(model, "kvzip:chunk=16", ratio=0.75, tokenizer=tok)
+    out = model.generate(ids, past_key_values=live, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 51) and live.get_seq_length() == 50  # prompt + the 2 tokens fed back
+    assert [h - 2 for h in live.stats()["tokens_kept"][0][0]] == want[0]
+    assert torch.equal(live.tokens, out[:, :50])  # the cache followed generate's tokens
+    gone = [weakref.ref(live), weakref.ref(cache)]
+    del live, cache
+    assert all(ref() is None for ref in gone) and not model._forward_pre_hooks  # their token hooks went with them
+
+
+def test_kvzip_refuses_what_its_pass_cannot_do():
     model = tiny_model("llama")
-    cache = CompressedCache(model, "kvzip", ratio=0.5)
-    with pytest.raises(KVSqueezeError, match="reconstruction pass"):
-        cache.prefill(model, context(20))
+    with pytest.raises(KVSqueezeError, match="needs the tokenizer"):
+        CompressedCache(model, "kvzip", ratio=0.5)
+    cache = CompressedCache(model, "kvzip", ratio=0.5, tokenizer=Chars())
+    embeds = model.get_input_embeddings()(context(20))
+    with pytest.raises(KVSqueezeError, match="token ids of the context"):
+        model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    cache = CompressedCache(model, "kvzip", ratio=0.5, tokenizer=Chars())
+    with pytest.raises(KVSqueezeError, match="one context at a time"):
+        cache.prefill(model, torch.cat([context(20), context(20, seed=1)]))
 
 
 def test_kvzip_rejects_scores_of_another_context():
     model = tiny_model("llama")
     scores = kvzip_scores_reference(model, context(30), prompt=PROMPT)
-    cache = CompressedCache(model, "kvzip", ratio=0.5)
+    cache = CompressedCache(model, "kvzip", ratio=0.5, tokenizer=Chars())
     cache.shared_state[KVZIP_SCORES] = scores
     with pytest.raises(KVSqueezeError, match="do not match"):
         cache.prefill(model, context(20))

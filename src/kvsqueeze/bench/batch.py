@@ -20,6 +20,7 @@ from transformers import Cache
 from kvsqueeze.bench.capture import Decoded
 from kvsqueeze.core import binding
 from kvsqueeze.core.cache import CompressedCache, LayerBinding
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.core.layer import CompressedLayer
 
 
@@ -74,7 +75,7 @@ def forward_many(model, caches: list[CompressedCache], ids: torch.Tensor, keep: 
     out = model(
         input_ids=ids,
         attention_mask=torch.ones(B, past + ids.shape[-1], dtype=torch.long, device=model.device),
-        past_key_values=BatchedCaches(caches),
+        **with_cache(model, BatchedCaches(caches)),
         use_cache=True,
         logits_to_keep=keep,
     )

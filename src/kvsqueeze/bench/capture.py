@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.core.context import AttentionCall
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.policies.base import PREFILL_MEMO
@@ -38,6 +39,7 @@ class Prefill:
     length: int
     seconds: float
     memo: dict = field(default_factory=dict)  # method-independent work shared by the caches built from it
+    input_ids: torch.Tensor | None = None  # [1, L] the tokens prefilled (whole-context scorers read them)
 
 
 @torch.no_grad()
@@ -54,24 +56,26 @@ def capture_prefill(model, input_ids: torch.Tensor) -> Prefill:
     out = model(
         input_ids=input_ids.to(model.device),
         attention_mask=torch.ones_like(input_ids, device=model.device),
-        past_key_values=cache,
+        **with_cache(model, cache),
         use_cache=True,
         logits_to_keep=1,
     )
     seconds = time.perf_counter() - start
     layers = [records[i] for i in range(len(cache.layers))]
-    return Prefill(layers, out.logits[0, -1].float().cpu(), int(input_ids.shape[-1]), seconds)
+    return Prefill(layers, out.logits[0, -1].float().cpu(), int(input_ids.shape[-1]), seconds,
+                   input_ids=input_ids.detach().cpu())  # fmt: skip
 
 
 @torch.no_grad()
-def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | None) -> CompressedCache:
+def build_cache(model, prefill: Prefill, method: str | Method, ratio: float | None, tokenizer=None) -> CompressedCache:
     """The cache the live prefill would have left for ``method``, built from the captured tensors.
 
     While it is built, ``cache.shared_state[PREFILL_MEMO]`` holds ``prefill.memo``: scorers may keep there work that
     depends only on the captured tensors (``policies.base.prefill_memo``: H2O's accumulated attention, SnapKV's
-    window votes), so every ratio and method built from this prefill reuses it.
+    window votes, KVzip's reconstruction scores), so every ratio and method built from this prefill reuses it.
     """
-    cache = CompressedCache(model, method, ratio=ratio)
+    cache = CompressedCache(model, method, ratio=ratio, tokenizer=tokenizer)
+    cache.tokens = prefill.input_ids  # known, as after CompressedCache.prefill
     cache.shared_state[PREFILL_MEMO] = prefill.memo
     for layer, cap in zip(cache.layers, prefill.layers, strict=True):
         layer.update(cap.keys, cap.values)  # what the live forward's update stores
@@ -91,7 +95,7 @@ def forward(model, cache: CompressedCache, ids: torch.Tensor, keep: int = 0) -> 
     out = model(
         input_ids=ids,
         attention_mask=torch.ones(1, past + ids.shape[-1], dtype=torch.long, device=model.device),
-        past_key_values=cache,
+        **with_cache(model, cache),
         use_cache=True,
         logits_to_keep=keep,
     )

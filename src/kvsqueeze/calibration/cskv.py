@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from kvsqueeze.calibration.store import calibration_ids, model_key
 from kvsqueeze.codecs.cskv import top_basis
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import cache_dir, load_model
 
@@ -20,7 +21,7 @@ def fit_bases(model, ids: torch.Tensor) -> dict:
     """All eigenvectors of ``Xᵀ X`` of every full-attention layer's cached keys/values, per KV head (``[H, D, D]``,
     columns by decreasing eigenvalue), from one forward pass over ``ids``."""
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        out = model(input_ids=ids, **with_cache(model, DynamicCache(config=model.config)), use_cache=True)
     keys, values, spectra = [], [], []
     for layer in out.past_key_values.layers:
         k, v = layer.keys.float()[0], layer.values.float()[0]  # [H, L, D]

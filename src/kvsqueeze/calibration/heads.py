@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from kvsqueeze.calibration.store import write_json
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.data import essays
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import EMBEDDED_NAME, cache_dir, load_model
@@ -71,11 +72,11 @@ def tail_attentions(model, ids: torch.Tensor, tail: int) -> tuple[torch.Tensor, 
 
     cache = DynamicCache(config=model.config)
     if ids.shape[0] > tail:
-        model(input_ids=ids[None, :-tail], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[None, :-tail], **with_cache(model, cache), use_cache=True)
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention weights are needed
     try:
-        out = model(input_ids=ids[None, -tail:], past_key_values=cache, use_cache=True, output_attentions=True)
+        out = model(input_ids=ids[None, -tail:], **with_cache(model, cache), use_cache=True, output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
     length = ids.shape[0]

@@ -12,6 +12,7 @@ from kvsqueeze.calibration.store import cached, calibration_dir, calibration_ids
 from kvsqueeze.codecs.kvquant.codec import CALIBRATED_BITS
 from kvsqueeze.codecs.kvquant.nuq import dense_range, outlier_mask
 from kvsqueeze.codecs.kvquant.rope import rope_params, unrope
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
 from kvsqueeze.progress import NO_PROGRESS, Steps
@@ -75,7 +76,9 @@ def fit_kvquant(
     try:
         with torch.enable_grad():
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=embeds, labels=ids, past_key_values=_Grab(config=model.config), use_cache=True)
+            out = model(
+                inputs_embeds=embeds, labels=ids, **with_cache(model, _Grab(config=model.config)), use_cache=True
+            )
             out.loss.backward()
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):

@@ -12,6 +12,7 @@ import torch
 from kvsqueeze.calibration.store import cached, calibration_dir, calibration_ids, model_key, write_json
 from kvsqueeze.codecs.kvtuner import kivi_block
 from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
@@ -32,7 +33,7 @@ def _quantize_layer(cache, layer_idx: int, kbits: int, vbits: int, group: int) -
 
 def _probe_kl(model, cache, probe_ids, ref_logp) -> float:
     with torch.no_grad():
-        logits = model(probe_ids, past_key_values=cache.fork(), use_cache=True).logits
+        logits = model(probe_ids, **with_cache(model, cache.fork()), use_cache=True).logits
     logp = torch.log_softmax(logits.float(), -1)
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
@@ -88,8 +89,8 @@ def search(
     ctx_ids, probe_ids = ids[:, :-probe], ids[:, -probe:]
     base = CompressedCache(model, "none")
     with torch.no_grad():
-        model(ctx_ids, past_key_values=base, use_cache=True)
-        ref_logp = torch.log_softmax(model(probe_ids, past_key_values=base.fork()).logits.float(), -1)
+        model(ctx_ids, **with_cache(model, base), use_cache=True)
+        ref_logp = torch.log_softmax(model(probe_ids, **with_cache(model, base.fork())).logits.float(), -1)
     layer_ids = [i for i, layer in enumerate(base.layers) if isinstance(layer, CompressedLayer)]
     progress.start("kvtuner: layer sensitivity", len(layer_ids) * len(candidates) + 1)
     errors: list[list[float]] = []

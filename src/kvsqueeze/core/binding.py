@@ -19,6 +19,7 @@ registered under the model's implementation name (``sdpa``, ``eager``, ``flash_a
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -54,9 +55,15 @@ def pending() -> Binding | None:
     return _BOUND.get()
 
 
+def model_eager(module) -> AttentionFunction | None:
+    """The eager attention function of ``module``'s modeling file (what transformers falls back to for "eager"), or
+    None. ``forward`` may be wrapped by a decorator (transformers' ``deprecate_kwarg``): its globals are those of the
+    function it wraps."""
+    return inspect.unwrap(type(module).forward).__globals__.get("eager_attention_forward")
+
+
 def _model_eager(module) -> AttentionFunction:
-    """The eager attention function of ``module``'s modeling file (what transformers falls back to for "eager")."""
-    function = type(module).forward.__globals__.get("eager_attention_forward")
+    function = model_eager(module)
     if function is None:
         raise KVSqueezeError(
             f"{type(module).__name__} has no eager_attention_forward to wrap; load the model with "

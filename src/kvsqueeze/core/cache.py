@@ -16,18 +16,35 @@ from __future__ import annotations
 import copy
 import time
 import weakref
+from collections.abc import Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvsqueeze.core import binding
 from kvsqueeze.core.architectures import attention_modules, plan_layers
+from kvsqueeze.core.compat import passed_cache, with_cache
 from kvsqueeze.core.context import AttentionCall
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.core.storage import storage_bytes, storage_keys, tensor_bytes, walk_tensors
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import Method
 from kvsqueeze.validation import parse_method_arg, validate_budget
+
+
+def remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def layer_snapshot(layer) -> dict:
+    """What restores a cache layer exactly (its tensors are never modified in place, so references suffice)."""
+    snapshot = dict(layer.__dict__)
+    for name in ("blocks", "state"):
+        if name in snapshot:
+            snapshot[name] = copy.copy(snapshot[name])
+    return snapshot
 
 
 class LayerBinding:
@@ -57,7 +74,7 @@ class LayerBinding:
         call = AttentionCall(module, query, attention_mask, scaling, kwargs.get("position_ids"))
         if cache.attention_observer is not None:
             cache.attention_observer(self.layer_idx, call, key, value)
-        if isinstance(layer, CompressedLayer) and cache.compresses:
+        if isinstance(layer, CompressedLayer) and cache.compresses and not cache.replaying:
             start = time.perf_counter()
             cache.method.schedule.after_attention(cache, layer, call)
             cache.compression_seconds += time.perf_counter() - start
@@ -70,17 +87,31 @@ class CompressedCache(Cache):
     """A transformers ``Cache`` that compresses each layer with a kvsqueeze method.
 
     ``ratio`` is the fraction of tokens removed (kvpress' convention); ``budget`` is tokens kept per head.
-    Pass it to ``model.generate(past_key_values=cache)``. A cache continues from what it holds: a later
-    ``generate`` whose prompt extends the cached tokens (a conversation) feeds only the new tokens.
+    Pass it to ``model.generate(cache=cache)`` (``past_key_values=cache`` before transformers 5.24). A cache
+    continues from what it holds: a later ``generate`` whose prompt extends the cached tokens (a conversation) feeds
+    only the new tokens.
     """
 
-    def __init__(self, model, method: str | Method = "none", ratio: float | None = None, budget: int | None = None):
+    def __init__(
+        self,
+        model,
+        method: str | Method = "none",
+        ratio: float | Sequence[float] | None = None,
+        budget: int | None = None,
+        tokenizer=None,
+    ):
         self.method = parse_method_arg(method)
+        plans = plan_layers(model)
+        self.layer_ratios: list[float] | None = None
+        if isinstance(ratio, (list, tuple)):  # one ratio per layer (kvpress' per-layer compression)
+            if len(ratio) != len(plans):
+                raise KVSqueezeError(f"give one ratio per layer: {len(plans)} layers, {len(ratio)} ratios")
+            self.layer_ratios = [validate_budget(r, budget, self.method)[0] or 0.0 for r in ratio]
+            ratio = max(self.layer_ratios) or None
         self.ratio, self.budget = validate_budget(ratio, budget, self.method)
         if self.method.evicts and self.method.schedule.name == "prefill" and self.ratio is self.budget is None:
             self.ratio = 0.5  # the documented default
         self.compresses = self.method.evicts or not self.method.codec.is_dense or self.method.schedule.name != "prefill"
-        plans = plan_layers(model)
         layers: list[CacheLayerMixin] = []
         for idx, plan in enumerate(plans):
             if plan.kind == "sliding" and not self.compresses:
@@ -93,7 +124,7 @@ class CompressedCache(Cache):
         self.implementation = model.config._attn_implementation
         if self.implementation == "eager":
             modules = attention_modules(model)
-            if modules and "eager_attention_forward" not in type(modules[0]).forward.__globals__:
+            if modules and binding.model_eager(modules[0]) is None:
                 raise KVSqueezeError(
                     f"{type(model).__name__}'s eager attention cannot be wrapped; load it with "
                     "attn_implementation='sdpa'"
@@ -107,6 +138,12 @@ class CompressedCache(Cache):
         self.inherited: frozenset = frozenset()  # storages shared with the cache this one was forked from
         self._known_configs = {id(self.config)}
         self._bindings = [LayerBinding(self, idx) for idx in range(self.num_layers)]
+        self.tokenizer = tokenizer  # whole-context scorers that build prompts (KVzip's repeat prompt) need it
+        self._model = weakref.ref(model)
+        self.replaying = False  # inside replay(): attention is observed, nothing is compressed
+        self._hooks: list = []  # hook handles a scorer attached to the model, removed when this cache is dropped
+        if self.method.evicts:
+            self.method.scorer.attach(self, model)
 
     # ---- transformers' Cache contract --------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -129,6 +166,10 @@ class CompressedCache(Cache):
             if key_states.shape[-2] > 1 and self.compresses:
                 self.track_peak()
         return keys, values
+
+    def layer_ratio(self, layer_idx: int) -> float | None:
+        """The ratio applied to one layer (per-layer ratios when given, else the cache's)."""
+        return self.ratio if self.layer_ratios is None else self.layer_ratios[layer_idx]
 
     def check_module(self, module) -> None:
         """Refuse an attention module of another model (checked once per config object)."""
@@ -158,15 +199,19 @@ class CompressedCache(Cache):
             raise KVSqueezeError("prefill needs token ids of shape [batch, length] with length >= 1")
         device = next(model.parameters()).device
         input_ids = input_ids.to(device)
-        with torch.no_grad():
-            out = model(
-                input_ids=input_ids,
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-                past_key_values=self,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        self.tokens = input_ids.detach().cpu()
+        self.tokens = input_ids.detach().cpu()  # known during the forward (whole-context scorers read them)
+        try:
+            with torch.no_grad():
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=None if attention_mask is None else attention_mask.to(device),
+                    **with_cache(model, self),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except BaseException:
+            self.tokens = None
+            raise
         return out.logits
 
     def expect(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -209,6 +254,64 @@ class CompressedCache(Cache):
         twin._bindings = [LayerBinding(twin, idx) for idx in range(self.num_layers)]
         twin.compression_seconds = 0.0
         return twin
+
+    def served_model(self):
+        """The model this cache was built for (held weakly: None once the caller dropped it)."""
+        return self._model()
+
+    def keep_hook(self, handle) -> None:
+        """Keep a hook handle on the model for as long as this cache lives (removed when it is dropped)."""
+        if not self._hooks:
+            weakref.finalize(self, remove_hooks, self._hooks)
+        self._hooks.append(handle)
+
+    def follow_tokens(self, model) -> None:
+        """Record the token ids of every forward of ``model`` that extends this cache (``model.generate`` included),
+        so whole-context scorers know the text they compress; a forward pre-hook kept as long as this cache lives."""
+        ref = weakref.ref(self)
+
+        def record(module, args, kwargs):
+            cache = ref()
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if cache is None or passed_cache(kwargs) is not cache or ids is None or cache.replaying:
+                return
+            held = cache.get_seq_length()
+            if held == 0:
+                cache.tokens = ids.detach().cpu()
+            elif cache.tokens is not None and cache.tokens.shape[-1] == held and ids.shape[0] == cache.tokens.shape[0]:
+                cache.tokens = torch.cat([cache.tokens, ids.detach().cpu()], dim=-1)
+
+        self.keep_hook(model.register_forward_pre_hook(record, with_kwargs=True))
+
+    def replay(self, model, input_ids: torch.Tensor, observer, attention_mask: torch.Tensor | None = None) -> None:
+        """Run ``model`` over ``input_ids [B, n]`` placed after what the cache holds (positions continue), calling
+        ``observer(layer_idx, AttentionCall, keys, values)`` after every layer's attention, then put every layer back
+        exactly as it was (the same tensors): a pass that leaves no trace, e.g. KVzip's reconstruction. Nothing is
+        compressed during it; ``attention_mask`` covers held and new tokens (None: no padding)."""
+        held = self.get_seq_length()
+        snapshots = [layer_snapshot(layer) for layer in self.layers]
+        saved = self.attention_observer, self.tokens, self.peak_bytes
+        self.attention_observer, self.replaying = observer, True
+        device = next(model.parameters()).device
+        input_ids = input_ids.to(device)
+        positions = torch.arange(held, held + input_ids.shape[-1], device=device)[None].expand(input_ids.shape[0], -1)
+        try:
+            with torch.no_grad():
+                model(
+                    input_ids=input_ids,
+                    attention_mask=None if attention_mask is None else attention_mask.to(device),
+                    position_ids=positions,
+                    **with_cache(model, self),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            binding.bind(None)
+            for layer, snapshot in zip(self.layers, snapshots, strict=True):
+                layer.__dict__.clear()
+                layer.__dict__.update(snapshot)
+            self.attention_observer, self.tokens, self.peak_bytes = saved
+            self.replaying = False
 
     # ---- generate features -------------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
@@ -263,7 +366,7 @@ class CompressedCache(Cache):
         values = [x for rows in kept.values() for heads in rows for x in heads]
         return {
             "method": self.method.spec(),
-            "ratio": self.ratio,
+            "ratio": self.layer_ratios if self.layer_ratios is not None else self.ratio,
             "budget": self.budget,
             "tokens_seen": self.get_seq_length(),
             "tokens_kept_mean": sum(values) / len(values) if values else 0.0,

@@ -6,6 +6,7 @@ Shapes: ``B`` batch, ``H`` KV heads, ``Hq`` query heads (``Hq = H * groups``), `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -16,10 +17,49 @@ PROTECTED = float("inf")  # score of a token that must be kept (sinks, observati
 PREFILL_MEMO = "prefill_memo"  # key of LayerContext.shared: work shared by caches built from one captured prefill
 
 
+class ContextHost(Protocol):
+    """What a whole-context scorer (:attr:`Scorer.whole_context`) may use of the cache it serves."""
+
+    shared_state: dict
+    tokens: torch.Tensor | None  # [B, L] token ids held, when known
+    tokenizer: object | None
+    num_layers: int
+    layers: list  # the cache's layers (``compressed`` tells whether a layer holds compressed storage)
+    replaying: bool  # inside replay(): a pass that leaves no trace
+
+    def served_model(self): ...  # the model the cache was built for (held weakly; None once it is gone)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+    def replay(self, model, input_ids: torch.Tensor, observer: Callable) -> None: ...
+
+    def keep_hook(self, handle) -> None: ...  # a hook handle removed when the cache is dropped
+
+    def follow_tokens(self, model) -> None: ...  # record the token ids of every forward that extends the cache
+
+
 class Scorer(Component):
-    """Scores tokens; the highest-scoring ones are kept. ``PROTECTED`` marks tokens kept regardless."""
+    """Scores tokens; the highest-scoring ones are kept. ``PROTECTED`` marks tokens kept regardless.
+
+    A *whole-context* scorer (``whole_context`` true: KVzip, Fast KVzip) needs every layer to have seen the context
+    before any layer is compressed: the prefill schedule then waits for the last layer's attention, calls
+    :meth:`prepare` (a second pass over the context, or gate scores gathered during the forward) and compresses
+    every layer through the one pipeline. :meth:`attach` runs once when a cache is built for a model (hooks it
+    needs during the forward, kept alive only as long as that cache).
+    """
 
     axis = "scorer"
+
+    @property
+    def whole_context(self) -> bool:
+        """Whether compression waits for the whole context (see the class docstring)."""
+        return False
+
+    def attach(self, host: ContextHost, model) -> None:
+        """Called once when a cache is built for ``model`` (whole-context scorers that observe the forward)."""
+
+    def prepare(self, host: ContextHost) -> None:
+        """Work over the whole context after the last layer's prefill attention, before any layer is compressed."""
 
     def protected(self, length: int) -> int:
         """How many tokens this scorer always keeps (to validate budgets)."""

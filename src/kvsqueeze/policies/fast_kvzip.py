@@ -24,12 +24,18 @@ Use (:class:`FastKVzip`): the first ``sinks`` tokens and a recent window are alw
 jointly over all layers and heads (as KVzip). During decoding the paper scores new tokens every ``buffer`` (128)
 steps with a 128-token recent window.
 
+Wiring: a cache built with ``fast_kvzip`` puts a forward pre-hook on each full-attention module of the model (kept
+as long as the cache lives, inert for any other cache) that runs the gate on the hidden states entering the
+layer; the prefill schedule waits for the last layer, then every layer is compressed with the joint ranking.
+
 Deviations: the training text is the offline essay collection (the paper: FineWeb-Edu), a few thousand tokens,
 so a run takes minutes on a CPU; KVzip targets come from :func:`kvzip_scores_reference`;
 :func:`calibrate_fast_kvzip` defaults to 2000 steps of 256 tokens (the reference code: 5000 steps of 1000, about
-25 minutes per 1000 steps on this CPU); the scorer needs the hidden states entering each attention layer, which
-the compression pipeline must supply (``ctx.hidden_states`` or ``ctx.shared[FAST_KVZIP_SCORES]``, see
-``docs/notes/query-agnostic.md``).
+25 minutes per 1000 steps on this CPU). The prefill is one chunk (the paper's 16k-token chunked prefill is not
+wired; contexts here are shorter than a chunk), and the decoding-time scoring of new tokens every ``buffer`` steps is
+not wired: tokens generated after the prefill stay (as with every prefill-time method). Sliding-window layers keep
+their newest tokens at the uniform budget (as in :mod:`kvsqueeze.policies.kvzip`). In the benchmark's captured
+build (no forward through the cache) the gate scores come from one extra forward of the context per sample.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,11 +55,12 @@ from pydantic import Field
 from torch import nn
 
 from kvsqueeze.calibration.store import model_key
-from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.compat import passed_cache, with_cache
+from kvsqueeze.core.context import SCRATCH, LayerContext
 from kvsqueeze.data import essays
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import cache_dir, load_model
-from kvsqueeze.policies.base import PROTECTED, Scorer
+from kvsqueeze.policies.base import PREFILL_MEMO, PROTECTED, ContextHost, Scorer
 from kvsqueeze.policies.kvzip import (
     RepeatPrompt,
     attention_modules,
@@ -61,9 +69,11 @@ from kvsqueeze.policies.kvzip import (
     kvzip_scores_reference,
     repeat_prompt,
 )
+from kvsqueeze.progress import NO_PROGRESS, Steps
 from kvsqueeze.spec import register
 
 FAST_KVZIP_SCORES = "fast_kvzip_scores"  # ctx.shared key: {layer_idx: [B, H, L] gate scores of every layer}
+GATE_SCORES = "fast_kvzip_gathered"  # scratch key: gate scores the hooks gathered during the current forward
 
 
 # ---- the gate ----------------------------------------------------------------------------------------------
@@ -134,7 +144,7 @@ def capture_hidden(model, input_ids: torch.Tensor, cache=None) -> dict[int, torc
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_modules(model).values()]
     try:
-        model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+        model(input_ids=input_ids, **with_cache(model, cache), use_cache=cache is not None, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
@@ -154,7 +164,10 @@ class GateData:
 
 
 @torch.no_grad()
-def gate_data(model, contexts: list[torch.Tensor], prompt: RepeatPrompt, start: int = 0, chunk: int = 2000) -> GateData:
+def gate_data(
+    model, contexts: list[torch.Tensor], prompt: RepeatPrompt, start: int = 0, chunk: int = 2000,
+    progress: Steps = NO_PROGRESS,
+) -> GateData:  # fmt: skip
     """Hidden states and KVzip targets of the tokens ``[start:]`` of each context ``[1, L]`` (forward passes only)."""
     from transformers import DynamicCache
 
@@ -167,6 +180,7 @@ def gate_data(model, contexts: list[torch.Tensor], prompt: RepeatPrompt, start: 
         for i, s in scores.items():
             hidden.setdefault(i, []).append(states[i][0, start:].float().cpu())
             targets.setdefault(i, []).append(s[0, :, start:].float().cpu())
+        progress.advance()
     return GateData({i: torch.cat(h) for i, h in hidden.items()}, {i: torch.cat(t, -1) for i, t in targets.items()})
 
 
@@ -198,6 +212,7 @@ def train_gates(
     lr: float = 0.2,
     momentum: float = 0.9,
     seed: int = 0,
+    progress: Steps = NO_PROGRESS,
 ) -> list[float]:
     """Fit ``gates`` to ``data`` (only the gates learn); returns the training loss of every step."""
     gen = torch.Generator().manual_seed(seed)
@@ -222,6 +237,7 @@ def train_gates(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        progress.advance()
     gates.eval()
     return losses
 
@@ -306,6 +322,7 @@ def calibrate_fast_kvzip(
     steps: int = 2000,
     batch: int = 256,
     seed: int = 0,
+    progress: Steps = NO_PROGRESS,
 ) -> Path:
     """Train Fast KVzip gates for ``model`` (None = embedded SmolLM2) on ``texts`` essay contexts of ``tokens``
     tokens (KVzip targets from the frozen model), report the rank correlation with KVzip on ``held_out`` other
@@ -320,13 +337,15 @@ def calibrate_fast_kvzip(
         return tokenizer(pool[i], add_special_tokens=False, return_tensors="pt").input_ids[:, :tokens].to(net.device)
 
     began = time.perf_counter()
-    train = gate_data(net, [context(len(pool) - 1 - i) for i in range(texts)], prompt)  # the end of the collection
-    test = gate_data(net, [context(i) for i in range(held_out)], prompt)  # the essays benchmarks start with
+    progress.start("KVzip targets", texts + held_out)
+    train = gate_data(net, [context(len(pool) - 1 - i) for i in range(texts)], prompt, progress=progress)  # the end
+    test = gate_data(net, [context(i) for i in range(held_out)], prompt, progress=progress)  # where benchmarks start
     data_seconds = time.perf_counter() - began
     gates = Gates.for_model(net.config)
     before = rank_correlation(gates, test)
     began = time.perf_counter()
-    losses = train_gates(gates, train, steps=steps, batch=batch, seed=seed)
+    progress.start("training gates", steps)
+    losses = train_gates(gates, train, steps=steps, batch=batch, seed=seed, progress=progress)
     train_seconds = time.perf_counter() - began
     meta = {
         "model": model or "embedded",
@@ -367,33 +386,81 @@ class FastKVzip(Scorer):
     def protected(self, length: int) -> int:
         return min(length, self.sinks + self.recent(length))
 
-    def _gates(self, ctx: LayerContext) -> Gates:
-        gates = ctx.state.get("fast_kvzip_gates")
-        if gates is None:
-            config = ctx.shared.get("config")
-            if not self.gates and config is None:
-                raise KVSqueezeError("fast_kvzip needs the model's config or gates=PATH; use CompressedCache")
-            gates, _ = load_gates(Path(self.gates).expanduser() if self.gates else gates_file(config))
-            if ctx.layer_idx not in gates.layers or gates.shape["kv_heads"] != ctx.keys.shape[1]:
-                raise KVSqueezeError(
-                    f"fast_kvzip gates cover layers {gates.layers} with {gates.shape['kv_heads']} KV heads; this is "
-                    f"layer {ctx.layer_idx} with {ctx.keys.shape[1]}: train gates for this model"
-                )
-            ctx.state["fast_kvzip_gates"] = gates
+    @property
+    def whole_context(self) -> bool:
+        return True  # the paper's global budget ranks every layer's gate scores at once
+
+    def gate_path(self, config) -> Path:
+        return Path(self.gates).expanduser() if self.gates else gates_file(config.get_text_config())
+
+    def load(self, config, layers: set[int]) -> Gates:
+        """The gates for a model with ``config``, checked against its compressed layers and KV heads."""
+        gates, _ = load_gates(self.gate_path(config))
+        heads = config.get_text_config().num_key_value_heads
+        if not layers <= set(gates.layers) or gates.shape["kv_heads"] != heads:
+            raise KVSqueezeError(
+                f"fast_kvzip gates cover layers {gates.layers} with {gates.shape['kv_heads']} KV heads; this model has "
+                f"layers {sorted(layers)} with {heads}: train gates for this model"
+            )
         return gates
 
-    def _raw(self, ctx: LayerContext) -> dict[int, torch.Tensor]:
-        """Gate scores: every layer's from the pipeline, or this layer's from ``ctx.hidden_states``."""
-        shared = ctx.shared.get(FAST_KVZIP_SCORES)
-        if shared is not None:
-            return shared
-        hidden = getattr(ctx, "hidden_states", None)
-        if hidden is None:
+    def attach(self, host: ContextHost, model) -> None:
+        """Score each token as its hidden state enters a full-attention layer (a forward pre-hook per attention
+        module, kept as long as the cache lives, inert for every other cache): the gate needs nothing else."""
+        path = self.gate_path(model.config)
+        if not path.is_file():
+            load_gates(path)  # the one-line error naming how to train them, before any model work
+        layers = set(compressed_layers(model.config))
+        modules = attention_modules(model)
+        ref = weakref.ref(host)
+        loaded: list[Gates] = []
+        config = model.config
+
+        def observe(module, args, kwargs):
+            cache = ref()
+            if cache is None or passed_cache(kwargs) is not cache or cache.replaying:
+                return
+            idx = int(module.layer_idx)
+            if FAST_KVZIP_SCORES in cache.shared_state or getattr(cache.layers[idx], "compressed", False):
+                return  # scores given, or decoding over a compressed layer
+            if not loaded:
+                loaded.append(self.load(config, layers))
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache.shared_state.setdefault(SCRATCH, {}).setdefault(GATE_SCORES, {})[idx] = loaded[0][idx](hidden).float()
+
+        for idx in sorted(layers):
+            host.keep_hook(modules[idx].register_forward_pre_hook(observe, with_kwargs=True))
+
+    def prepare(self, host: ContextHost) -> None:
+        """Hand the gate scores gathered during the forward to every layer's compression (the benchmark's captured
+        prefill ran no forward through this cache: one forward of the context gives them, once per sample)."""
+        if FAST_KVZIP_SCORES in host.shared_state:
+            return
+        scratch = host.shared_state.setdefault(SCRATCH, {})
+        scores = scratch.pop(GATE_SCORES, None)
+        memo = host.shared_state.get(PREFILL_MEMO)
+        if scores is None and memo is not None and host.tokens is not None:
+            key = ("fast_kvzip_scores", str(self.gate_path(host.served_model().config)))
+            if key not in memo:
+                model = host.served_model()
+                layers = set(compressed_layers(model.config))
+                memo[key] = self.load(model.config, layers).scores(capture_hidden(model, host.tokens))
+            scores = memo[key]
+        if scores is None:
             raise KVSqueezeError(
-                "fast_kvzip needs the hidden states entering each attention layer, which this pipeline does not "
-                "provide yet; use kvzip:level=head or expected_attention"
+                "fast_kvzip saw no hidden states: the model's attention modules were not called with this cache "
+                "(build the cache for the model you run)"
             )
-        return {ctx.layer_idx: self._gates(ctx)[ctx.layer_idx](hidden[:, -ctx.length :]).float()}
+        scratch[FAST_KVZIP_SCORES] = scores  # dropped after the last layer is compressed
+
+    def _raw(self, ctx: LayerContext) -> dict[int, torch.Tensor]:
+        """Every layer's gate scores (given, or gathered by :meth:`attach`'s hooks during the forward)."""
+        scores = ctx.shared.get(FAST_KVZIP_SCORES, ctx.shared.get(SCRATCH, {}).get(FAST_KVZIP_SCORES))
+        if scores is None:
+            raise KVSqueezeError(
+                "fast_kvzip: no gate scores for this context (its prefill never ran through the cache)"
+            )
+        return scores
 
     def _finish(self, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         n = valid.sum(-1, keepdim=True)
@@ -404,22 +471,20 @@ class FastKVzip(Scorer):
         return score.masked_fill(~valid[:, None, :], float("-inf"))
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
+        if ctx.sliding_window is not None:  # sliding-window layers keep their newest tokens, as in kvzip
+            return self._finish((ctx.valid.long().cumsum(-1) - 1).float()[:, None, :].expand_as(ctx.keys[..., 0]),
+                                ctx.valid)  # fmt: skip
         raw = self._raw(ctx)
         if ctx.layer_idx not in raw or tuple(raw[ctx.layer_idx].shape) != (*ctx.keys.shape[:2], ctx.length):
             raise KVSqueezeError(f"fast_kvzip: no gate scores matching layer {ctx.layer_idx}'s tokens")
         return self._finish(raw[ctx.layer_idx].to(ctx.keys.device), ctx.valid)
 
     def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor | None:
-        if self.allocation == "uniform":
+        if self.allocation == "uniform" or ctx.sliding_window is not None:
             return None
         if self.allocation == "layer":
             return global_counts(scores[None], keep_per_head)[0]
         raw = self._raw(ctx)
-        if len(raw) == 1 and ctx.num_layers > 1:
-            raise KVSqueezeError(
-                "fast_kvzip's global budget ranks every layer's gate scores at once, which this pipeline does not "
-                "provide; use fast_kvzip:allocation=layer"
-            )
         memo_key = ("fast_kvzip_plan", tuple(keep_per_head.tolist()))
         memo = ctx.shared.get(memo_key)
         if memo is None or memo[0] is not raw:

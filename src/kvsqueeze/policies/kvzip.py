@@ -26,9 +26,17 @@ What the paper (and its reference code) does, and what this module implements:
   scores over the sequence, calibrated once per model (:func:`calibrate_kvzip_heads`); the highest-scored heads
   keep their whole cache, the others only the ``sinks`` — no reconstruction pass at inference.
 
-The reconstruction pass itself belongs to the compression pipeline (see ``docs/notes/query-agnostic.md``): it
-puts the per-layer scores under ``ctx.shared[KVZIP_SCORES]``. :func:`kvzip_scores_reference` computes the same
-scores with a plain ``DynamicCache`` and eager attention (ground truth for tests and for the pipeline).
+The reconstruction pass runs inside the compression pipeline (:func:`reconstruction_pass`): KVzip is a
+*whole-context* scorer, so the prefill schedule waits until every layer has attended over the context, then
+:meth:`KVzip.prepare` replays each chunk through the cache (the model's own attention, nothing compressed, nothing
+kept) and reduces every layer's scores from its attention call; the scores live until the last layer is
+compressed. The chat template's head (system prompt) is found in the context and not repeated.
+:func:`kvzip_scores_reference` computes the same scores with a plain ``DynamicCache`` and eager attention (ground
+truth for tests). Needs the tokenizer (``CompressedCache(..., tokenizer=tok)``) and the context's token ids.
+
+Sliding-window layers (Gemma-2/3, Mistral with a window) are not scored by the reconstruction: they keep their
+newest tokens at the uniform budget (the window already bounds them), and the global ranking runs over the
+full-attention layers.
 
 Deviations: the first ``sinks`` tokens are protected (the paper protects the whole system prompt, which
 kvsqueeze's context includes; pass its length as ``sinks`` to match); in the head-level variant the per-head
@@ -47,11 +55,14 @@ import torch
 from pydantic import Field
 
 from kvsqueeze.calibration.store import model_key
-from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.compat import with_cache
+from kvsqueeze.core.context import SCRATCH, LayerContext
 from kvsqueeze.data import essays
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import cache_dir, load_model
-from kvsqueeze.policies.base import PROTECTED, Scorer
+from kvsqueeze.policies.base import PREFILL_MEMO, PROTECTED, ContextHost, Scorer
+from kvsqueeze.progress import NO_PROGRESS, Steps
+from kvsqueeze.prompts import ids as text_ids
 from kvsqueeze.spec import register
 
 KVZIP_SCORES = "kvzip_scores"  # ctx.shared key: {layer_idx: [B, H, L] reconstruction scores} (the pipeline fills it)
@@ -88,10 +99,11 @@ def chat_template_parts(tokenizer) -> tuple[str, str]:
 def repeat_prompt(tokenizer) -> RepeatPrompt:
     """The paper's repeat prompts tokenized for ``tokenizer`` (no special tokens added)."""
 
-    def encode(text: str) -> torch.Tensor:
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-
-    return RepeatPrompt(encode(FIRST_PROMPT), encode(LATER_PROMPT), encode(chat_template_parts(tokenizer)[1]))
+    return RepeatPrompt(
+        text_ids(tokenizer, FIRST_PROMPT),
+        text_ids(tokenizer, LATER_PROMPT),
+        text_ids(tokenizer, chat_template_parts(tokenizer)[1]),
+    )
 
 
 @dataclass(frozen=True)
@@ -254,7 +266,7 @@ def kvzip_scores_reference(
     try:
         if cache is None:
             cache = DynamicCache()
-            model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=context_ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         elif cache.get_seq_length() != L:
             raise KVSqueezeError(f"kvzip: the cache holds {cache.get_seq_length()} tokens, the context {L}")
         handles = [modules[i].register_forward_hook(hook, with_kwargs=True) for i in sorted(layers)]
@@ -263,7 +275,7 @@ def kvzip_scores_reference(
             positions = torch.arange(L, L + part.input_ids.shape[-1], device=context_ids.device)[None]
             model(
                 input_ids=part.input_ids,
-                past_key_values=cache,
+                **with_cache(model, cache),
                 use_cache=True,
                 position_ids=positions,
                 logits_to_keep=1,
@@ -274,6 +286,57 @@ def kvzip_scores_reference(
             handle.remove()
         model.set_attn_implementation(previous)
     return {i: t for i, t in totals.items() if t is not None}
+
+
+# ---- the pass through the cache -----------------------------------------------------------------------------
+def template_head_length(tokens: torch.Tensor, tokenizer) -> int:
+    """Length of the chat template's head (system prompt, user-turn start) when ``tokens [1, L]`` start with it,
+    else 0: the part of the context KVzip does not ask the model to repeat."""
+    head = chat_template_parts(tokenizer)[0]
+    if not head:
+        return 0
+    ids = text_ids(tokenizer, head)
+    n = ids.shape[-1]
+    if 0 < n < tokens.shape[-1] and torch.equal(tokens[:, :n].cpu(), ids):
+        return n
+    return 0
+
+
+def reconstruction_pass(host: ContextHost, chunk: int = CHUNK, scope: str = "chunk", block: int = 256):
+    """KVzip scores ``{layer: [1, H, L]}`` of the context a cache holds uncompressed, from its own reconstruction
+    pass: every chunk is replayed through the cache (:meth:`CompressedCache.replay`: positions continue after the
+    context, nothing of the chunk stays), and each full-attention layer's scores are reduced from the queries and
+    keys of its attention call as soon as they exist (``block`` queries at a time)."""
+    model, tokens, tokenizer = host.served_model(), host.tokens, host.tokenizer
+    L = host.get_seq_length()
+    if model is None:
+        raise KVSqueezeError("kvzip: the model this cache was built for is gone")
+    if tokenizer is None:
+        raise KVSqueezeError(
+            "kvzip's repeat prompt needs the tokenizer: CompressedCache(model, 'kvzip', tokenizer=tokenizer)"
+        )
+    if tokens is None or tokens.shape[-1] != L:
+        raise KVSqueezeError(
+            "kvzip needs the token ids of the context it compresses; prefill through cache.prefill(model, ids), "
+            "kvsqueeze.pipeline or model.generate"
+        )
+    if tokens.shape[0] != 1:
+        raise KVSqueezeError("kvzip reconstructs one context at a time: use one cache per sequence")
+    start = template_head_length(tokens, tokenizer)
+    layers = set(compressed_layers(model.config))
+    totals: dict[int, torch.Tensor] = {}
+    for part in reconstruction_chunks(tokens, repeat_prompt(tokenizer), chunk, start):
+        cols = scored_columns(L, part, start, scope)
+
+        def observe(idx, call, keys, values, cols=cols):
+            if idx not in layers:
+                return
+            context_keys = keys[:, :, :L].index_select(2, cols.to(keys.device))
+            s = reconstruction_scores(call.queries, context_keys, keys[:, :, L:], call.scaling, block=block)
+            totals[idx] = accumulate(totals.get(idx), s, cols, L)
+
+        host.replay(model, part.input_ids, observe)
+    return totals
 
 
 # ---- budgets -----------------------------------------------------------------------------------------------
@@ -321,20 +384,23 @@ def head_scores_from_pairs(scores: dict[int, torch.Tensor], sinks: int) -> torch
 
 
 def calibrate_kvzip_heads(
-    model: str | None = None, out: Path | None = None, texts: int = 2, tokens: int = 1024, sinks: int = 4
-) -> Path:
+    model: str | None = None, out: Path | None = None, texts: int = 2, tokens: int = 1024, sinks: int = 4,
+    progress: Steps = NO_PROGRESS,
+) -> Path:  # fmt: skip
     """Head-level KVzip scores for ``model`` (None = embedded SmolLM2) from ``texts`` essay contexts of ``tokens``
     tokens (the end of the essay collection, away from the benchmarks' start); written as JSON and cached."""
 
     net, tokenizer = load_model(model)
     prompt = repeat_prompt(tokenizer)
     config = net.config.get_text_config()
+    progress.start("reconstruction passes", texts)
     per_text = []
     for i in range(texts):
         text = "\n\n".join(reversed(essays()[-(i + 1) * 4 : len(essays()) - i * 4]))
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :tokens].to(net.device)
         scores = kvzip_scores_reference(net, ids, prompt=prompt)
         per_text.append(head_scores_from_pairs(scores, sinks))
+        progress.advance()
     head = torch.stack(per_text).mean(0)
     path = Path(out) if out is not None else heads_file(config)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,8 +455,33 @@ class KVzip(Scorer):
         score = raw.float().masked_fill(self._sinks(valid)[:, None, :], PROTECTED)
         return score.masked_fill(~valid[:, None, :], float("-inf"))
 
+    @property
+    def whole_context(self) -> bool:
+        return self.level == "pair"  # the pair-level scores come from a pass over the whole prefilled context
+
+    def attach(self, host: ContextHost, model) -> None:
+        if self.level == "pair":
+            if host.tokenizer is None:
+                raise KVSqueezeError(
+                    "kvzip's repeat prompt needs the tokenizer: CompressedCache(model, 'kvzip', tokenizer=tokenizer)"
+                )
+            host.follow_tokens(model)  # the reconstruction repeats the context's tokens
+
+    def prepare(self, host: ContextHost) -> None:
+        """Run the reconstruction pass (once per captured prefill in the benchmark) unless scores were given."""
+        if self.level != "pair" or KVZIP_SCORES in host.shared_state:
+            return
+        memo = host.shared_state.get(PREFILL_MEMO)
+        key = ("kvzip_scores", self.chunk, self.scope)
+        scores = memo.get(key) if memo is not None else None
+        if scores is None:
+            scores = reconstruction_pass(host, self.chunk, self.scope)
+            if memo is not None:
+                memo[key] = scores
+        host.shared_state.setdefault(SCRATCH, {})[KVZIP_SCORES] = scores  # dropped after the last layer
+
     def _pair_scores(self, ctx: LayerContext) -> dict[int, torch.Tensor]:
-        scores = ctx.shared.get(KVZIP_SCORES)
+        scores = ctx.shared.get(KVZIP_SCORES, ctx.shared.get(SCRATCH, {}).get(KVZIP_SCORES))
         if scores is None:
             raise KVSqueezeError(
                 "kvzip needs its reconstruction pass, which this pipeline did not run; use kvzip:level=head "
@@ -406,6 +497,9 @@ class KVzip(Scorer):
             )
         return scores
 
+    def _recency(self, ctx: LayerContext) -> torch.Tensor:
+        return (ctx.valid.long().cumsum(-1) - 1).float()[:, None, :].expand(-1, ctx.keys.shape[1], -1)
+
     def _head_plan(self, ctx: LayerContext) -> tuple[list[int], torch.Tensor]:
         cached = ctx.state.get("kvzip_heads")
         if cached is None:
@@ -419,13 +513,16 @@ class KVzip(Scorer):
         return cached
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
+        if ctx.sliding_window is not None:  # sliding-window layers keep their newest tokens (see the docstring)
+            return self._finish(self._recency(ctx), ctx.valid)
         if self.level == "head":
             self._head_plan(ctx)
-            recency = (ctx.valid.long().cumsum(-1) - 1).float()[:, None, :].expand(-1, ctx.keys.shape[1], -1)
-            return self._finish(recency, ctx.valid)
+            return self._finish(self._recency(ctx), ctx.valid)
         return self._finish(self._pair_scores(ctx)[ctx.layer_idx].to(ctx.keys.device), ctx.valid)
 
     def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.sliding_window is not None:
+            return None
         if self.level == "head":
             layers, head = self._head_plan(ctx)
             n_real = ctx.valid.sum(-1).tolist()

@@ -43,6 +43,8 @@ class CacheView(Protocol):
     num_layers: int
     shared_state: dict
 
+    def layer_ratio(self, layer_idx: int) -> float | None: ...
+
     @property
     def compresses(self) -> bool: ...
 
@@ -66,11 +68,35 @@ class PrefillSchedule(Schedule):
     def after_attention(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
         if layer.compressed or not cache.compresses:
             return
-        ctx = attention_context(
-            layer, call.queries, call.attention_mask, call.scaling, call.position_ids,
-            num_layers=cache.num_layers, shared=cache.shared_state, ratio=cache.ratio, budget=cache.budget,
-        )  # fmt: skip
-        compress(layer, ctx, cache.method)
+        scorer = cache.method.scorer if cache.method.evicts else None
+        if scorer is None or not scorer.whole_context:
+            compress_now(cache, layer, call)
+            return
+        # a whole-context scorer: wait until the last layer has attended, then prepare and compress every layer
+        waiting = cache.shared_state.setdefault(WAITING, {})
+        queries = call.queries[:, :, -WAITING_QUERIES:]  # what later components may read of the prefill's queries
+        waiting[layer.layer_idx] = (layer, AttentionCall(call.module, queries, call.attention_mask, call.scaling,
+                                                         call.position_ids))  # fmt: skip
+        if layer.layer_idx != cache.num_layers - 1:
+            return
+        del cache.shared_state[WAITING]
+        scorer.prepare(cache)
+        for idx in sorted(waiting):
+            compress_now(cache, *waiting[idx])
+
+
+WAITING = "waiting"  # shared_state key: layers a whole-context scorer has not compressed yet, with their calls
+WAITING_QUERIES = 64  # newest prefill queries kept per waiting layer (not the whole prompt's)
+
+
+def compress_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
+    """Compress everything ``layer`` holds after ``call`` (its prefill attention) through the one pipeline."""
+    ctx = attention_context(
+        layer, call.queries, call.attention_mask, call.scaling, call.position_ids,
+        num_layers=cache.num_layers, shared=cache.shared_state, ratio=cache.layer_ratio(layer.layer_idx),
+        budget=cache.budget,
+    )  # fmt: skip
+    compress(layer, ctx, cache.method)
 
 
 # ---- helpers shared by decoding schedules -----------------------------------------------------------------------
@@ -99,13 +125,16 @@ class DecodingSchedule(Schedule):
     """Recompress a layer to ``budget`` tokens per KV head whenever it holds ``budget + every`` of them.
 
     At a multi-token forward (the prompt) a layer holding more than ``budget`` tokens is compressed at once.
-    ``budget`` falls back to ``CompressedCache(budget=…)``; ``window`` is how many recent queries are kept
-    for observation-window scorers (SnapKV, TOVA …).
+    ``budget`` falls back to ``CompressedCache(budget=…)``. Instead of a budget, ``ratio`` (or
+    ``CompressedCache(ratio=…)``) keeps ``ceil((1 - ratio) × tokens seen)`` per head: a budget that grows with
+    the sequence (kvpress' DecodingPress compression ratio). ``window`` is how many recent queries are kept for
+    observation-window scorers (SnapKV, TOVA …).
     """
 
     family = "schedule"
     every: int = Field(16, ge=1)
     budget: int | None = Field(None, ge=1)
+    ratio: float | None = Field(None, ge=0.0, lt=1.0)
     window: int = Field(32, ge=1)
 
     # ---- what subclasses choose --------------------------------------------------------------------------------
@@ -126,18 +155,23 @@ class DecodingSchedule(Schedule):
         return 0
 
     # ---- the step ----------------------------------------------------------------------------------------------
-    def resolve_budget(self, cache: CacheView) -> int:
+    def resolve_budget(self, cache: CacheView, seen: int) -> int:
+        """Tokens kept per head after a recompression, for a layer that has seen ``seen`` tokens."""
         budget = self.budget if self.budget is not None else cache.budget
+        ratio = self.ratio if self.ratio is not None else cache.ratio
+        if budget is None and ratio is not None:  # never below the protected window
+            budget = max(math.ceil(seen * (1.0 - ratio) - 1e-9), self.protected_recent() + 1)
         if budget is None:
             raise KVSqueezeError(
-                f"{self.name} needs a token budget: write {self.name}:budget=256 or pass CompressedCache(budget=…)"
+                f"{self.name} needs a token budget or a ratio: write {self.name}:budget=256 (or :ratio=0.5) or pass "
+                "CompressedCache(budget=…)"
             )
         if self.protected_recent() >= budget:
             raise KVSqueezeError(f"{self.name}: budget {budget} must exceed its protected recent window")
         return budget
 
     def after_attention(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
-        budget = self.resolve_budget(cache)
+        budget = self.resolve_budget(cache, layer.seen)
         state = layer.state
         queries = call.queries
         B, M = queries.shape[0], queries.shape[2]

@@ -97,7 +97,7 @@ class Evaluator:
     # ---- cells -------------------------------------------------------------------------------------------------
     def evaluate(self, cell: Cell) -> dict:
         """The result fields of one cell (subclasses)."""
-        cache = build_cache(self.model, self.prefill, cell.method, cell.ratio)
+        cache = build_cache(self.model, self.prefill, cell.method, cell.ratio, self.tokenizer)
         return {**self.cache_fields(cache), **self.decode(cache)}
 
     def decode(self, cache: CompressedCache) -> dict:

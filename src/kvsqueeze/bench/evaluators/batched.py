@@ -39,7 +39,7 @@ class BatchedEvaluator(Evaluator):
         for i, cell in enumerate(cells):
             start = time.perf_counter()
             try:
-                cache = build_cache(self.model, self.prefill, cell.method, cell.ratio)
+                cache = build_cache(self.model, self.prefill, cell.method, cell.ratio, self.tokenizer)
             except Exception as exc:
                 results[i] = exc
                 continue

@@ -15,17 +15,18 @@ import torch
 
 from kvsqueeze.bench.evaluators.base import Cell, Evaluator
 from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.compat import with_cache
 from kvsqueeze.prompts import prompt_ids
 
 
 def _teacher_forced(model, cache, prompt_ids: torch.Tensor, continuation: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Log-probs ``[n, V]`` predicting each continuation token (the prompt's last position first); decode seconds."""
     with torch.no_grad():
-        out = model(input_ids=prompt_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=prompt_ids, **with_cache(model, cache), use_cache=True)
         logps = [out.logits[:, -1].float().log_softmax(-1)]
         start = time.perf_counter()
         for t in range(continuation.shape[1] - 1):
-            out = model(input_ids=continuation[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=continuation[:, t : t + 1], **with_cache(model, cache), use_cache=True)
             logps.append(out.logits[:, -1].float().log_softmax(-1))
         seconds = time.perf_counter() - start
     return torch.cat(logps), seconds
@@ -53,7 +54,7 @@ def longgen(
         full_logps, full_s = _teacher_forced(model, CompressedCache(model, "none"), ids, continuation)
         reference = {"continuation": continuation, "logps": full_logps, "seconds": full_s}
     continuation, full_logps = reference["continuation"], reference["logps"]
-    cache = CompressedCache(model, method, budget=budget, ratio=ratio)
+    cache = CompressedCache(model, method, budget=budget, ratio=ratio, tokenizer=tokenizer)
     logps, seconds = _teacher_forced(model, cache, ids, continuation)
     n = continuation.shape[1]
     kl = (full_logps.exp() * (full_logps - logps)).sum(-1)

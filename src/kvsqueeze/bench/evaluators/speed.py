@@ -56,7 +56,7 @@ class SpeedEvaluator(Evaluator):
         q = self.sample.questions[0]
         ids = torch.cat([self.context_ids, self.question_ids], dim=-1)
         with RssPeak() as rss:
-            cache = CompressedCache(self.model, cell.method, ratio=cell.ratio)
+            cache = CompressedCache(self.model, cell.method, ratio=cell.ratio, tokenizer=self.tokenizer)
             start = time.perf_counter()
             with torch.no_grad():
                 first = forward(self.model, cache, ids, keep=1)[-1]
