@@ -151,7 +151,8 @@ def generate(
     context: Annotated[str | None, typer.Option(help="context text")] = None,
     context_file: Annotated[Path | None, typer.Option(help="file holding the context")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, model directory or .gguf (default: embedded)")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto (the checkpoint's)")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | mps | auto")] = "cpu",
     query_aware: Annotated[bool, typer.Option(help="compress the prompt with the question in it")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -159,7 +160,14 @@ def generate(
     """Answer a question about a context with a compressed cache."""
     with user_errors():
         from kvsqueeze.core.cache import CompressedCache
-        from kvsqueeze.models import check_context_fits, load_config, load_model, load_tokenizer, parse_dtype
+        from kvsqueeze.models import (
+            check_context_fits,
+            load_config,
+            load_model,
+            load_tokenizer,
+            parse_device,
+            parse_dtype,
+        )
         from kvsqueeze.pipeline import answer
         from kvsqueeze.prompts import prompt_ids
         from kvsqueeze.spec import parse_method
@@ -170,6 +178,7 @@ def generate(
         text = _read_context(context, context_file)
         spec = parse_method(method)
         parse_dtype(dtype)
+        parse_device(device)
         if ratio is not None and budget is not None:
             raise KVSqueezeError("give either --ratio or --budget, not both")
         if ratio is not None and not 0.0 <= ratio < 1.0:
@@ -187,7 +196,7 @@ def generate(
         needed = n_prompt + max_new_tokens
         check_context_fits(config, needed, dtype, what="the prompt plus --max-new-tokens", fix=FIT_FIX)
         with err.status("loading model…"):
-            lm, tokenizer = load_model(model, dtype=dtype, tokenizer=tokenizer)
+            lm, tokenizer = load_model(model, dtype=dtype, device=device, tokenizer=tokenizer)
         n_compressed = context_ids.shape[-1] + (question_ids.shape[-1] if query_aware else 0)
         if budget is not None and budget >= n_compressed:
             err.print(f"[yellow]warning:[/yellow] --budget {budget} >= {n_compressed} prompt tokens: no compression")

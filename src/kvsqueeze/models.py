@@ -33,12 +33,36 @@ def cache_dir() -> Path:
     return path
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
+    """A torch dtype from a name; ``"auto"`` is the checkpoint's own dtype (``config``'s, float32 when unknown)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        saved = None if config is None else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(saved, str):
+            saved = DTYPES.get(saved)
+        return saved if isinstance(saved, torch.dtype) else torch.float32
     if dtype not in DTYPES:
-        raise KVSqueezeError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        raise KVSqueezeError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}, auto")
     return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device from a name (``cpu``, ``cuda``, ``cuda:1``, ``mps``…); ``"auto"`` is CUDA when present, else
+    the CPU. A device this machine lacks is refused in one line."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KVSqueezeError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise KVSqueezeError(f"device {device!r} is not available on this machine; use --device cpu (or auto)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise KVSqueezeError(f"device {device!r} is not available on this machine; use --device cpu (or auto)")
+    return parsed
 
 
 def embedded_gguf_path() -> Path:
@@ -170,7 +194,7 @@ def kv_bytes_per_token(config, dtype: str | torch.dtype = "float32") -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * heads * head_dim * parse_dtype(dtype).itemsize
+    return 2 * text.num_hidden_layers * heads * head_dim * parse_dtype(dtype, text).itemsize
 
 
 def available_memory() -> int | None:
@@ -191,7 +215,7 @@ def check_context_fits(config, tokens: int, dtype: str | torch.dtype = "float32"
         raise KVSqueezeError(f"{what} needs {tokens} positions but the model allows at most {limit}; {fix}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     width = max(getattr(text, "intermediate_size", 0) or 0, getattr(text, "hidden_size", 0) or 0)
-    need = tokens * (kv_bytes_per_token(config, dtype) + 4 * width * parse_dtype(dtype).itemsize)
+    need = tokens * (kv_bytes_per_token(config, dtype) + 4 * width * parse_dtype(dtype, text).itemsize)
     free = available_memory()
     if free is not None and need > free:
         raise KVSqueezeError(
@@ -219,12 +243,15 @@ def load_tokenizer(name: str | None = None):
 
 def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu", tokenizer=None):
     """Load ``(model, tokenizer)``; ``name`` is None (embedded SmolLM2), a Hub id, a directory or a .gguf file.
+    ``dtype``: a name, a torch dtype or ``"auto"`` (the checkpoint's); ``device``: ``cpu``, ``cuda[:N]``, ``mps`` or
+    ``"auto"``.
 
     The config is read and checked first (a causal LM), so a wrong model fails in one line before any weights load.
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = parse_dtype(dtype)
+    target = parse_device(device)
+    torch_dtype = "auto" if dtype == "auto" else parse_dtype(dtype)
     load_config(name)
     ref, extra = resolve_model_dir(name)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
@@ -232,5 +259,5 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **extra)
     except OSError as exc:
         raise _hub_error(name, exc) from None
-    model.to(device).eval()
+    model.to(target).eval()
     return model, tokenizer

@@ -58,6 +58,12 @@ def test_niah_grid_and_needles_at_stated_depth(chars):
 def test_niah_variant_option_and_errors(chars):
     assert {s.meta["variant"] for s in generate(TaskSpec("niah", "multiquery"), chars, samples=4, length=1024,
                                                 seed=0)} == {"multiquery"}  # fmt: skip
+    words = generate(TaskSpec("niah", "words"), chars, samples=6, length=1024, seed=0)
+    assert {s.meta["values"] for s in words} == {"words"} and len({s.meta["depth"] for s in words}) == 5
+    assert all(not any(ch.isdigit() for ch in s.questions[0].answers[0]) for s in words)
+    pinned = generate(TaskSpec("niah", "multikey-numbers"), chars, samples=3, length=1024, seed=0)
+    assert {(s.meta["variant"], s.meta["values"]) for s in pinned} == {("multikey", "numbers")}
+    assert parse_tasks("niah:single-words")[0].option == "single-words"
     with pytest.raises(KVSqueezeError, match="valid options"):
         parse_tasks("niah:nope")
     with pytest.raises(KVSqueezeError, match="unknown task"):

@@ -50,6 +50,7 @@ def add_commands(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="run directory (results.jsonl, summary, plots)")] = Path("runs/bench"),
         model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | mps | auto (local executor)")] = "cpu",
         seed: Annotated[int, typer.Option(help="seed of the task generators")] = 0,
         query_aware: Annotated[
             bool, typer.Option("--query-aware/--query-agnostic", help="compress with the question in the prompt")
@@ -81,10 +82,11 @@ def add_commands(app: typer.Typer) -> None:
             )
             from kvsqueeze.bench.tasks import parse_tasks
             from kvsqueeze.extras import require
-            from kvsqueeze.models import parse_dtype
+            from kvsqueeze.models import parse_device, parse_dtype
 
             require("kvsqueeze bench", "matplotlib")
             parse_dtype(dtype)
+            parse_device(device)
             if threads < 0:
                 raise KVSqueezeError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
             config = SweepConfig(
@@ -95,6 +97,7 @@ def add_commands(app: typer.Typer) -> None:
                 lengths=parse_lengths(context_length),
                 model=model,
                 dtype=dtype,
+                device=device,
                 seed=seed,
                 query_aware=query_aware,
                 out=out,

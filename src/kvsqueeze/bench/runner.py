@@ -117,6 +117,7 @@ class SweepConfig:
     lengths: list[int] | None = None  # None: each task's default
     model: str | None = None
     dtype: str = "float32"
+    device: str = "cpu"  # where the local executor runs the model (not part of a cell's key)
     seed: int = 0
     query_aware: bool = False
     out: Path = Path("runs/bench")
@@ -596,7 +597,7 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) a sweep into ``config.out`` (held by a lock meanwhile) and render the report; ``warn``
     receives one-line notes (a repaired torn line, skipped malformed rows)."""
-    provider = provider or ModelProvider(config.model, config.dtype)
+    provider = provider or ModelProvider(config.model, config.dtype, config.device)
     executor = executor or LocalExecutor()
     check_lengths(config, provider)  # a wrong model or an impossible length: refused before --out is touched
     prepare_out(config.out)

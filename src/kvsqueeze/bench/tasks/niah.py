@@ -16,7 +16,9 @@ Variants (RULER's names):
 The scored needle (the first value of the queried key) sits at the sample's *depth*: the fraction of the
 haystack's characters before it, other needles not counted; the other needles sit at seeded random depths.
 Sample ``i`` takes depth ``DEPTHS[i % 5]`` and variant ``VARIANTS[(i // 5) % 4]`` (unless a variant is given:
-``niah:single``), so 20 samples cover the depth × variant grid once; values alternate between numbers and words.
+``niah:single``), so 20 samples cover the depth × variant grid once; values alternate between numbers and words
+(unless a kind is given: ``niah:words``, ``niah:single-words``; word needles are the fairer retrieval probe on
+small models that copy digits through induction heads).
 Score: RULER's ``string_match_all`` (fraction of expected values found in the output, case-insensitive), plus
 the log-likelihood of the gold answer. Deviation from RULER (which generates up to 128 tokens): generation stops
 after the gold answer's token count plus ``ANSWER_SLACK`` tokens (or once every value is out), since the answer
@@ -33,6 +35,9 @@ from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.prompts import encode
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+VALUE_KINDS = ("numbers", "words")
+# ``niah:VARIANT``, ``niah:words`` / ``niah:numbers`` (every variant, one kind of value), ``niah:VARIANT-words``
+OPTIONS = (*VARIANTS, *VALUE_KINDS, *(f"{v}-{k}" for v in VARIANTS for k in VALUE_KINDS))
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SNAP = 300  # a needle moves back at most this many characters to a sentence boundary
 N_EXTRA = 4  # needles of multikey (incl. target), values of multivalue, keys of multiquery
@@ -80,15 +85,18 @@ def _answer_tokens(tokenizer, expected: tuple[str, ...]) -> int:
 
 
 def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | None = None) -> list[Sample]:
-    if option is not None and option not in VARIANTS:
-        raise KVSqueezeError(f"unknown niah variant {option!r}; valid: {', '.join(VARIANTS)}")
+    if option is not None and option not in OPTIONS:
+        raise KVSqueezeError(f"unknown niah variant {option!r}; valid: {', '.join(OPTIONS)}")
+    fixed_variant, _, fixed_kind = (option or "").rpartition("-") if "-" in (option or "") else (option, "", None)
+    if fixed_variant in VALUE_KINDS:
+        fixed_variant, fixed_kind = None, fixed_variant
     words = vocabulary()
     out = []
     for i in range(samples):
         rng = rng_for("niah", option, length, seed, i)
-        variant = option or VARIANTS[(i // len(DEPTHS)) % len(VARIANTS)]
+        variant = fixed_variant or VARIANTS[(i // len(DEPTHS)) % len(VARIANTS)]
         depth = DEPTHS[i % len(DEPTHS)]
-        values_kind = "numbers" if i % 2 == 0 else "words"
+        values_kind = fixed_kind or ("numbers" if i % 2 == 0 else "words")
         n_needles = 1 if variant == "single" else N_EXTRA
         keys = [f"{rng.choice(words)}-{rng.choice(words)}" for _ in range(n_needles)]
         if variant == "multivalue":
