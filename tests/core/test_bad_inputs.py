@@ -118,7 +118,8 @@ def test_calibrate_heads_checks_its_output_and_model_before_any_work(tmp_path):
 def test_kvzip_calibrations_check_their_output_and_model_before_any_work(tmp_path, command):
     afile = tmp_path / "taken"
     afile.write_text("x")
-    _one_line(runner.invoke(app, ["calibrate", command, "--out", str(afile / "out")]), "cannot write the calibration to")
+    result = runner.invoke(app, ["calibrate", command, "--out", str(afile / "out")])
+    _one_line(result, "cannot write the calibration to")
     result = runner.invoke(app, ["calibrate", command, "--model", str(tmp_path / "nothing-here")])
     _one_line(result, "model path not found")
 
