@@ -12,11 +12,17 @@ Everything a cache stores goes through :func:`owned` first, so no view of a larg
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Iterator
 
 import torch
+from transformers import PretrainedConfig
 
 from kvsqueeze.core.attention_math import fused_partial_attention, ragged_attention
+
+
+# what a cache may reference but does not hold: the model's modules and config, classes, functions, modules
+NOT_STORAGE = (torch.nn.Module, PretrainedConfig, type, types.ModuleType, types.FunctionType, types.MethodType)
 
 
 def owned(t: torch.Tensor) -> torch.Tensor:
@@ -32,7 +38,8 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 def walk_tensors(obj, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from ``obj`` through containers and kvsqueeze objects (not modules or configs)."""
+    """Every tensor reachable from ``obj`` through containers and objects (blocks and codec state of any package; not
+    modules, configs, classes or functions)."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return
@@ -50,7 +57,7 @@ def walk_tensors(obj, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for value in list(obj):
             yield from walk_tensors(value, seen)
-    elif type(obj).__module__.startswith("kvsqueeze") and hasattr(obj, "__dict__"):
+    elif hasattr(obj, "__dict__") and not isinstance(obj, NOT_STORAGE):  # blocks, codec state (yours too)
         for value in list(vars(obj).values()):
             yield from walk_tensors(value, seen)
 
