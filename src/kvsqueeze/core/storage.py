@@ -20,7 +20,6 @@ from transformers import PretrainedConfig
 
 from kvsqueeze.core.attention_math import fused_partial_attention, ragged_attention
 
-
 # what a cache may reference but does not hold: the model's modules and config, classes, functions, modules
 NOT_STORAGE = (torch.nn.Module, PretrainedConfig, type, types.ModuleType, types.FunctionType, types.MethodType)
 
