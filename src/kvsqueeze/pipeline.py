@@ -82,6 +82,7 @@ def answer(
         cache.prefill(model, compressed_part)
         prefill_seconds = time.perf_counter() - start
         cache = cache.fork()
+    full_ids = generate_input(cache, full_ids, context_ids.shape[-1])
     clock = _StepClock()
     start = time.perf_counter()
     with torch.no_grad():
@@ -157,6 +158,7 @@ class Pipeline:
                     context_cache.prefill(self.model, context_ids)
                     stats = context_cache.stats()
                 cache = context_cache.fork()
+                full_ids = generate_input(cache, full_ids, context_ids.shape[-1])
                 cache.expect(full_ids)
             out = generate_greedy(self.model, self.tokenizer, full_ids, cache, max_new_tokens)
             answers.append(self.tokenizer.decode(out, skip_special_tokens=True).strip())
@@ -172,6 +174,17 @@ class Pipeline:
 def pipeline(model, tokenizer, method: str = "snapkv", *, ratio=None, budget: int | None = None) -> Pipeline:
     """A :class:`Pipeline`: ``pipeline(model, tok, "snapkv", ratio=0.5)(context, questions=[...])["answers"]``."""
     return Pipeline(model, tokenizer, method, ratio=ratio, budget=budget)
+
+
+def generate_input(cache: CompressedCache, full_ids: torch.Tensor, context_length: int) -> torch.Tensor:
+    """The ids ``generate`` is given after a compressed context: the prompt itself, or — for a cache whose kept keys
+    were re-rotated (``prefill:rerotate``: it holds fewer positions than the context) — the question after as many
+    context ids as the cache holds positions (``generate`` feeds only what lies beyond them)."""
+    held = cache.get_seq_length()
+    if held == 0 or held >= context_length:
+        return full_ids
+    cache.tokens = full_ids[:, :held].detach().cpu()
+    return torch.cat([full_ids[:, :held], full_ids[:, context_length:]], dim=-1)
 
 
 def check_context(cache: CompressedCache, length: int) -> None:

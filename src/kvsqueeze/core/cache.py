@@ -351,7 +351,8 @@ class CompressedCache(Cache):
                 continue
             B, H, _, D = layer.keys.shape
             if isinstance(layer, CompressedLayer):
-                tokens = layer.seen if not layer.is_sliding else min(layer.seen, layer.sliding_window - 1)
+                seen = layer.seen + layer.shift
+                tokens = seen if not layer.is_sliding else min(seen, layer.sliding_window - 1)
                 total += 2 * B * H * tokens * D * torch.finfo(layer.dtype).bits // 8
             else:
                 total += tensor_bytes(layer.keys, layer.values)

@@ -56,10 +56,14 @@ def attention_context(
     )
 
 
-def compress(layer: CompressedLayer, ctx: LayerContext, method: Method, scorer: Scorer | None = None) -> torch.Tensor:
+def compress(
+    layer: CompressedLayer, ctx: LayerContext, method: Method, scorer: Scorer | None = None, rekey=None
+) -> torch.Tensor:
     """Compress ``ctx.keys/values`` (everything ``layer`` holds, in order) into ``layer``'s storage; returns the keep
     mask ``[B, H, L]``.
 
+    ``rekey(keys, keep, ctx) -> keys`` transforms the keys once the kept tokens are chosen, before the codec sees
+    them (the prefill schedule's key re-rotation).
     ``scorer`` replaces the method's scorer (decoding schedules that bring their own rule); with neither (method
     ``none`` + a codec) every valid token is kept and encoded. Per-token state tensors named in
     ``ctx.state[ALIGNED]`` are gathered with the kept tokens (their rows must keep equal counts on every head).
@@ -89,6 +93,8 @@ def compress(layer: CompressedLayer, ctx: LayerContext, method: Method, scorer: 
             keys, values = merged
     else:
         keep = ctx.valid[:, None, :].expand(B, H, L)
+    if rekey is not None:
+        keys = rekey(keys, keep, ctx)
     layer.store(keys, values, keep, ctx)
     realign(ctx.state, keep)
     if ctx.layer_idx == ctx.num_layers - 1:

@@ -57,6 +57,7 @@ class CompressedLayer(CacheLayerMixin):
         self.compressions = 0
         self.hold = 0  # newest tail tokens of a multi-token forward, flushed at the next update
         self.kept_run = 0  # newest compressed tokens every row and head kept, stored last: crop may remove them
+        self.shift = 0  # positions given up by key re-rotation (seen counts the positions still in use)
         self.state: dict = {}
 
     @property
@@ -101,7 +102,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.blocks, self.n_front, self.front_cols, self.seen, self.compressions, self.state = [], 0, None, 0, 0, {}
-        self.hold = 0
+        self.hold = self.shift = 0
         self.is_initialized = False
 
     # ---- what is held ------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from kvsqueeze.core.masks import valid_tokens
 from kvsqueeze.core.storage import owned
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import Scorer, tokens_to_keep
+from kvsqueeze.schedules.rerotate import rerotate_kept, rope_of
 from kvsqueeze.spec import Component, register
 
 
@@ -44,6 +45,8 @@ class CacheView(Protocol):
     shared_state: dict
 
     def layer_ratio(self, layer_idx: int) -> float | None: ...
+
+    def served_model(self): ...
 
     @property
     def compresses(self) -> bool: ...
@@ -64,13 +67,16 @@ class PrefillSchedule(Schedule):
     name = "prefill"
     family = "schedule"
     paper = "one-shot compression after prefill (default)"
+    rerotate: bool = False  # kvpress' key re-rotation: kept keys move to positions 0..k-1 (see schedules.rerotate)
 
     def after_attention(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
+        if layer.compressed and self.rerotate and not layer.state.get("positions_checked"):
+            check_continued_positions(layer, call)
         if layer.compressed or not cache.compresses:
             return
         scorer = cache.method.scorer if cache.method.evicts else None
         if scorer is None or not scorer.whole_context:
-            compress_now(cache, layer, call)
+            self.compress_now(cache, layer, call)
             return
         # a whole-context scorer: wait until the last layer has attended, then prepare and compress every layer
         waiting = cache.shared_state.setdefault(WAITING, {})
@@ -82,21 +88,47 @@ class PrefillSchedule(Schedule):
         del cache.shared_state[WAITING]
         scorer.prepare(cache)
         for idx in sorted(waiting):
-            compress_now(cache, *waiting[idx])
+            self.compress_now(cache, *waiting[idx])
+
+    def compress_now(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
+        rekey = None
+        if self.rerotate:
+            model = cache.served_model()
+            rope = rope_of(model)
+            rekey = lambda keys, keep, ctx: rerotate_kept(keys, keep, ctx, rope, cache.shared_state)  # noqa: E731
+        compress_now(cache, layer, call, rekey)
+        if self.rerotate:  # the layer's length is what it keeps: later tokens take the next positions
+            kept = int(layer.kept_lengths().max())
+            layer.shift, layer.seen = layer.seen - kept, kept
+
+
+def check_continued_positions(layer: CompressedLayer, call: AttentionCall) -> None:
+    """The first forward after a re-rotation must continue at the kept count (one check per layer)."""
+    layer.state["positions_checked"] = True
+    if call.position_ids is None:
+        return
+    first = int(call.position_ids.flatten()[0])
+    expected = layer.seen - call.queries.shape[2]
+    if first != expected:
+        raise KVSqueezeError(
+            f"prefill:rerotate moved the kept keys to positions 0..{expected - 1} but this forward continues at "
+            f"{first} (model.generate over a prompt it compressed itself does not follow shifted positions); compress "
+            "the context with cache.prefill(model, ids) or kvsqueeze.pipeline, then continue from it"
+        )
 
 
 WAITING = "waiting"  # shared_state key: layers a whole-context scorer has not compressed yet, with their calls
 WAITING_QUERIES = 64  # newest prefill queries kept per waiting layer (not the whole prompt's)
 
 
-def compress_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
+def compress_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall, rekey=None) -> None:
     """Compress everything ``layer`` holds after ``call`` (its prefill attention) through the one pipeline."""
     ctx = attention_context(
         layer, call.queries, call.attention_mask, call.scaling, call.position_ids,
         num_layers=cache.num_layers, shared=cache.shared_state, ratio=cache.layer_ratio(layer.layer_idx),
         budget=cache.budget,
     )  # fmt: skip
-    compress(layer, ctx, cache.method)
+    compress(layer, ctx, cache.method, rekey=rekey)
 
 
 # ---- helpers shared by decoding schedules -----------------------------------------------------------------------
