@@ -21,6 +21,7 @@ from kvsqueeze.policies.kvzip import (
     KVZIP_SCORES,
     LATER_PROMPT,
     KVzip,
+    ReconstructionChunk,
     RepeatPrompt,
     accumulate,
     chat_template_parts,
@@ -28,6 +29,7 @@ from kvsqueeze.policies.kvzip import (
     head_level_counts,
     head_scores_from_pairs,
     kvzip_scores_reference,
+    reconstruction_attention,
     reconstruction_chunks,
     reconstruction_pass,
     reconstruction_scores,
@@ -111,6 +113,27 @@ def test_query_blocks_equal_one_block():
     blocked = reconstruction_scores(q, kc, kn, 0.3, valid, block=5)
     assert torch.allclose(whole, blocked, atol=8 * EPS32)
     assert (whole[1, :, :4] == 0).all()
+
+
+@pytest.mark.parametrize("scope", ["chunk", "full"])
+def test_fused_attention_gives_the_models_output_and_the_same_scores(scope):
+    """One softmax serves the chunk's attention output (= SDPA over context + causal chunk) and the scores (=
+    :func:`reconstruction_scores`, the restricted softmax for ``scope="chunk"``)."""
+    g = torch.Generator().manual_seed(11)
+    B, H, G, L, C, D = 1, 2, 3, 24, 10, 16
+    q = torch.randn(B, H * G, C, D, generator=g)
+    keys, values = torch.randn(B, H, L + C, D, generator=g), torch.randn(B, H, L + C, D, generator=g)
+    part = ReconstructionChunk(8, 16, torch.zeros(1, C, dtype=torch.long))
+    cols = scored_columns(L, part, 3, scope)
+    out, scores = reconstruction_attention(q, keys, values, 0.25, cols, block=4)
+    mask = torch.ones(C, L + C, dtype=torch.bool)
+    mask[:, L:] = torch.ones(C, C, dtype=torch.bool).tril()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1), attn_mask=mask, scale=0.25
+    )
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=8 * EPS32, atol=8 * EPS32)
+    ref = reconstruction_scores(q, keys[:, :, :L][:, :, cols], keys[:, :, L:], 0.25)
+    torch.testing.assert_close(scores, ref, rtol=8 * EPS32, atol=8 * EPS32)
 
 
 def test_running_max_across_chunks():

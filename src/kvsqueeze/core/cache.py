@@ -64,7 +64,12 @@ class LayerBinding:
         scaling = kwargs.get("scaling")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         compressed = isinstance(layer, CompressedLayer) and layer.compressed
-        if compressed:
+        replaced = None
+        if cache.replay_attention is not None and not compressed:
+            replaced = cache.replay_attention(self.layer_idx, module, query, key, value, attention_mask, kwargs)
+        if replaced is not None:
+            result = replaced
+        elif compressed:
             if module.training and kwargs.get("dropout", 0.0):
                 raise KVSqueezeError("attention dropout (training mode) over a compressed cache: call model.eval()")
             out = layer.attend(query, attention_mask, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
@@ -141,6 +146,7 @@ class CompressedCache(Cache):
         self.tokenizer = tokenizer  # whole-context scorers that build prompts (KVzip's repeat prompt) need it
         self._model = weakref.ref(model)
         self.replaying = False  # inside replay(): attention is observed, nothing is compressed
+        self.replay_attention = None  # inside replay(): may compute an uncompressed layer's attention itself
         self._hooks: list = []  # hook handles a scorer attached to the model, removed when this cache is dropped
         if self.method.evicts:
             self.method.scorer.attach(self, model)
@@ -283,15 +289,19 @@ class CompressedCache(Cache):
 
         self.keep_hook(model.register_forward_pre_hook(record, with_kwargs=True))
 
-    def replay(self, model, input_ids: torch.Tensor, observer, attention_mask: torch.Tensor | None = None) -> None:
+    def replay(
+        self, model, input_ids: torch.Tensor, observer, attention_mask: torch.Tensor | None = None, attention=None
+    ) -> None:
         """Run ``model`` over ``input_ids [B, n]`` placed after what the cache holds (positions continue), calling
         ``observer(layer_idx, AttentionCall, keys, values)`` after every layer's attention, then put every layer back
         exactly as it was (the same tensors): a pass that leaves no trace, e.g. KVzip's reconstruction. Nothing is
-        compressed during it; ``attention_mask`` covers held and new tokens (None: no padding)."""
+        compressed during it; ``attention_mask`` covers held and new tokens (None: no padding). ``attention(layer_idx,
+        module, query, keys, values, mask, kwargs)`` may return a layer's attention result ``(out, weights)``
+        computed from the same inputs (None: the model's own attention runs)."""
         held = self.get_seq_length()
         snapshots = [layer_snapshot(layer) for layer in self.layers]
         saved = self.attention_observer, self.tokens, self.peak_bytes
-        self.attention_observer, self.replaying = observer, True
+        self.attention_observer, self.replaying, self.replay_attention = observer, True, attention
         device = next(model.parameters()).device
         input_ids = input_ids.to(device)
         positions = torch.arange(held, held + input_ids.shape[-1], device=device)[None].expand(input_ids.shape[0], -1)
@@ -311,7 +321,7 @@ class CompressedCache(Cache):
                 layer.__dict__.clear()
                 layer.__dict__.update(snapshot)
             self.attention_observer, self.tokens, self.peak_bytes = saved
-            self.replaying = False
+            self.replaying, self.replay_attention = False, None
 
     # ---- generate features -------------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:

@@ -190,6 +190,53 @@ def reconstruction_scores(
     return best.clamp(min=0.0)
 
 
+def reconstruction_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    columns: torch.Tensor,
+    softcap: float | None = None,
+    block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's attention output and its KVzip scores from one softmax: ``(out [B, C, Hq, Dv], scores [B, H,
+    len(columns)])``.
+
+    ``keys/values [B, H, L + C, D]`` hold the context then the chunk (query ``i`` sees the context and chunk keys
+    ``0..i``; one row, no padding). The softmax over every visible key gives the attention output the next layer
+    needs (what the model's own attention computes, to float32 rounding) and the scores of :func:`reconstruction_
+    scores` restricted to ``columns`` of the context: each weight renormalised by the mass on ``columns`` and the
+    chunk's own keys (``scope="chunk"``; with every context column that mass is 1, ``scope="full"``). One pass
+    instead of the model's attention plus a second softmax for the scores."""
+    B, Hq, C, D = queries.shape
+    H, total = keys.shape[1], keys.shape[2]
+    L, G = total - C, Hq // H
+    q = (queries.float() * scaling).view(B, H, G, C, D)
+    k_t = keys.float().transpose(-1, -2)  # [B, H, D, L + C]: one matmul per KV head serves its G query heads
+    v = values.float()
+    cols = columns.to(queries.device)
+    full = cols.numel() == L
+    out = queries.new_empty(B, C, Hq, values.shape[-1], dtype=torch.float32)
+    best = torch.zeros(B, H, cols.numel(), device=queries.device)
+    for lo in range(0, C, block):
+        qb = q[:, :, :, lo : lo + block]
+        b = qb.shape[3]
+        logits = torch.matmul(qb.reshape(B, H, G * b, D), k_t).view(B, H, G, b, total)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        rows = torch.arange(lo, lo + b, device=queries.device)
+        future = torch.arange(C, device=queries.device)[None, :] > rows[:, None]  # [b, C]
+        logits[..., L:].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        mixed = torch.matmul(probs.view(B, H, G * b, total), v)  # [B, H, G * b, Dv]
+        out[:, lo : lo + b] = mixed.view(B, Hq, b, -1).transpose(1, 2)
+        picked = probs[..., :L] if full else probs[..., :L].index_select(-1, cols)
+        if not full:  # the restricted softmax: renormalise by the mass on the scored columns and the chunk's keys
+            picked = picked / (picked.sum(-1, keepdim=True) + probs[..., L:].sum(-1, keepdim=True)).clamp(min=1e-30)
+        best = torch.maximum(best, picked.amax(dim=(2, 3)))
+    return out.to(queries.dtype), best
+
+
 def accumulate(total: torch.Tensor | None, scores: torch.Tensor, columns: torch.Tensor, length: int) -> torch.Tensor:
     """Running max across chunks: ``total [B, H, length]`` updated with ``scores [B, H, len(columns)]``."""
     if total is None:
@@ -305,8 +352,9 @@ def template_head_length(tokens: torch.Tensor, tokenizer) -> int:
 def reconstruction_pass(host: ContextHost, chunk: int = CHUNK, scope: str = "chunk", block: int = 256):
     """KVzip scores ``{layer: [1, H, L]}`` of the context a cache holds uncompressed, from its own reconstruction
     pass: every chunk is replayed through the cache (:meth:`CompressedCache.replay`: positions continue after the
-    context, nothing of the chunk stays), and each full-attention layer's scores are reduced from the queries and
-    keys of its attention call as soon as they exist (``block`` queries at a time)."""
+    context, nothing of the chunk stays). In each full-attention layer one float32 softmax gives both the attention
+    output the next layer needs and the scores (:func:`reconstruction_attention`, ``block`` queries at a time);
+    layers with attention sinks keep the model's own attention and are scored from its queries and keys."""
     model, tokens, tokenizer = host.served_model(), host.tokens, host.tokenizer
     L = host.get_seq_length()
     if model is None:
@@ -327,15 +375,25 @@ def reconstruction_pass(host: ContextHost, chunk: int = CHUNK, scope: str = "chu
     totals: dict[int, torch.Tensor] = {}
     for part in reconstruction_chunks(tokens, repeat_prompt(tokenizer), chunk, start):
         cols = scored_columns(L, part, start, scope)
+        fused: set[int] = set()
 
-        def observe(idx, call, keys, values, cols=cols):
-            if idx not in layers:
-                return
-            context_keys = keys[:, :, :L].index_select(2, cols.to(keys.device))
-            s = reconstruction_scores(call.queries, context_keys, keys[:, :, L:], call.scaling, block=block)
+        def attend(idx, module, query, keys, values, mask, kwargs, cols=cols, fused=fused):
+            """Full-attention layers: the attention output and the scores from one softmax."""
+            if idx not in layers or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
+                return None  # the model's own attention; ``observe`` scores it from its queries and keys
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            out, s = reconstruction_attention(query, keys, values, scaling, cols, kwargs.get("softcap"), block)
             totals[idx] = accumulate(totals.get(idx), s, cols, L)
+            fused.add(idx)
+            return out, None
 
-        host.replay(model, part.input_ids, observe)
+        def observe(idx, call, keys, values, cols=cols, fused=fused):
+            if idx in layers and idx not in fused:
+                context_keys = keys[:, :, :L].index_select(2, cols.to(keys.device))
+                s = reconstruction_scores(call.queries, context_keys, keys[:, :, L:], call.scaling, block=block)
+                totals[idx] = accumulate(totals.get(idx), s, cols, L)
+
+        host.replay(model, part.input_ids, observe, attention=attend)
     return totals
 
 
