@@ -192,7 +192,7 @@ def test_gates_score_the_hidden_states_of_the_live_forward(gates_path, spec, mon
     want = global_counts(stacked, torch.tensor([30]))[:, 0].tolist()
     kept = cache.stats()["tokens_kept"]
     assert [kept[i][0] for i in (0, 1)] == want and sum(map(sum, want)) == 2 * 2 * 30
-    assert GATE_SCORES not in cache.shared_state.get(SCRATCH, {})  # nothing of the scoring stays
+    assert set(cache.shared_state) == {"config"}  # nothing of the scoring stays
     out = model.generate(ids, past_key_values=cache.fork(), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 63)
     gone = weakref.ref(cache)

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvsqueeze import CompressedCache
 from kvsqueeze.core.compat import passed_cache
-from kvsqueeze.core.context import SCRATCH, LayerContext
+from kvsqueeze.core.context import LayerContext
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policies.base import PROTECTED
 from kvsqueeze.policies.kvzip import (
@@ -314,7 +314,7 @@ def test_kvzip_compresses_with_its_own_pass_live_and_in_generate():
     cache.prefill(model, ids)
     kept = cache.stats()["tokens_kept"]
     assert [kept[i][0] for i in (0, 1)] == want and cache.get_seq_length() == 48
-    assert KVZIP_SCORES not in cache.shared_state.get(SCRATCH, {})  # the scores went with the prefill
+    assert set(cache.shared_state) == {"config"}  # the scores and the joint ranking went with the prefill
     live = CompressedCache(model, "kvzip:chunk=16", ratio=0.75, tokenizer=tok)
     out = model.generate(ids, past_key_values=live, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 51) and live.get_seq_length() == 50  # prompt + the 2 tokens fed back

@@ -486,10 +486,10 @@ class FastKVzip(Scorer):
             return global_counts(scores[None], keep_per_head)[0]
         raw = self._raw(ctx)
         memo_key = ("fast_kvzip_plan", tuple(keep_per_head.tolist()))
-        memo = ctx.shared.get(memo_key)
+        memo = ctx.scratch.get(memo_key)  # one compression pass: dropped after the last layer
         if memo is None or memo[0] is not raw:
             order = sorted(raw)
             stacked = torch.stack([self._finish(raw[i].to(scores.device), ctx.valid) for i in order])
             counts = global_counts(stacked, keep_per_head)
-            memo = ctx.shared[memo_key] = (raw, {i: counts[j] for j, i in enumerate(order)})
+            memo = ctx.scratch[memo_key] = (raw, {i: counts[j] for j, i in enumerate(order)})
         return memo[1][ctx.layer_idx]

@@ -599,10 +599,10 @@ class KVzip(Scorer):
         """Counts of every scored layer from one joint ranking (computed once per cache and budget)."""
         pairs = self._pair_scores(ctx)
         memo_key = ("kvzip_plan", tuple(keep.tolist()), self.sinks)
-        memo = ctx.shared.get(memo_key)
+        memo = ctx.scratch.get(memo_key)  # one compression pass: dropped after the last layer
         if memo is None or memo[0] is not pairs:
             order = sorted(pairs)
             stacked = torch.stack([self._finish(pairs[i].to(ctx.keys.device), ctx.valid) for i in order])
             counts = global_counts(stacked, keep)
-            memo = ctx.shared[memo_key] = (pairs, {i: counts[j] for j, i in enumerate(order)})
+            memo = ctx.scratch[memo_key] = (pairs, {i: counts[j] for j, i in enumerate(order)})
         return memo[1]
