@@ -34,6 +34,7 @@ class Component(BaseModel):
     family: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     arxiv: ClassVar[str | None] = None
+    version: ClassVar[int] = 1  # of what the component stores: bump it when that changes (saved caches check it)
 
     def spec(self) -> str:
         """This component as a spec string, listing only parameters that differ from their defaults."""

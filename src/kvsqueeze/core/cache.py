@@ -17,11 +17,12 @@ import copy
 import time
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from kvsqueeze.core import binding
+from kvsqueeze.core import binding, persist
 from kvsqueeze.core.architectures import attention_modules, plan_layers
 from kvsqueeze.core.compat import passed_cache, with_cache
 from kvsqueeze.core.context import AttentionCall
@@ -126,6 +127,7 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         self.num_layers = len(layers)
         self.config = model.config.get_text_config()
+        self.model_class = type(model).__name__
         self.implementation = model.config._attn_implementation
         if self.implementation == "eager":
             modules = attention_modules(model)
@@ -322,6 +324,16 @@ class CompressedCache(Cache):
                 layer.__dict__.update(snapshot)
             self.attention_observer, self.tokens, self.peak_bytes = saved
             self.replaying, self.replay_attention = False, None
+
+    # ---- beyond one process ---------------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write this cache to one safetensors file (bit-exact; see :mod:`kvsqueeze.core.persist`)."""
+        return persist.save(self, path)
+
+    @classmethod
+    def load(cls, path, model, tokenizer=None) -> CompressedCache:
+        """The cache saved at ``path``, for ``model`` (the one it was computed with: checked)."""
+        return persist.load(cls, path, model, tokenizer)
 
     # ---- generate features -------------------------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
