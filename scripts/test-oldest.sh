@@ -12,7 +12,7 @@ test -n "$version" || { echo "no transformers floor found in pyproject.toml" >&2
 test -d "$VENV" || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e '.[cli]' "transformers==$version" 'pytest>=8' 'pytest-xdist>=3.5'
+"$VENV/bin/pip" install -q -e '.[cli]' "transformers==$version" 'pytest>=8' 'pytest-xdist>=3.5' 'hypothesis>=6.100,<7'
 "$VENV/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
 "$VENV/bin/python" -m pytest -q -m "not model" -p no:cacheprovider tests/core tests/policies tests/codecs tests/reshape \
   --ignore=tests/codecs/test_hf_quant.py "${@:2}"

@@ -50,6 +50,7 @@ ARCHITECTURES = {
         sliding_window=WINDOW,
         attn_logit_softcapping=1.0,
         initializer_range=0.5,
+        attn_implementation="eager",  # sdpa cannot softcap (transformers < 5.24 silently skipped it)
     ),
     "gemma3": small(
         tf.Gemma3TextConfig,
@@ -143,3 +144,11 @@ def test_decode_over_compressed_storage_applies_softcap_sinks_and_windows(arch, 
     assert all(layer.compressed for layer in cache.layers)
     tolerance = 0.05 if "int" in method else 1e-4
     torch.testing.assert_close(got, reference, atol=tolerance, rtol=0)
+
+
+def test_sdpa_that_would_skip_the_softcap_is_refused():
+    """transformers before 5.24 ran Gemma-2 on sdpa without its logit softcap; a cache never pretends to match it."""
+    model = ARCHITECTURES["gemma2"]()
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(KVSqueezeError, match="softcap"):
+        CompressedCache(model, "snapkv", ratio=0.5)

@@ -84,9 +84,9 @@ def add_commands(app: typer.Typer) -> None:
             from kvsqueeze.extras import require
             from kvsqueeze.models import parse_device, parse_dtype
 
-            require("kvsqueeze bench", "matplotlib")
             parse_dtype(dtype)
             parse_device(device)
+            require("kvsqueeze bench", "matplotlib")
             if threads < 0:
                 raise KVSqueezeError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
             config = SweepConfig(

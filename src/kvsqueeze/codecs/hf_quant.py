@@ -157,10 +157,12 @@ class HFFP8(_HFCodec):
     group: int = 1
 
     def _layer(self, like):
-        from transformers.cache_utils import DynamicLayer, Fp8QuantizedLayer
+        from transformers import cache_utils
 
-        layer = Fp8QuantizedLayer()
-        DynamicLayer.lazy_initialization(layer, like, like)  # not Fp8's own: it would quantize ``like`` too
+        if not hasattr(cache_utils, "Fp8QuantizedLayer"):
+            raise KVSqueezeError("hf_fp8 needs a transformers with Fp8QuantizedLayer (5.21 or newer); upgrade it")
+        layer = cache_utils.Fp8QuantizedLayer()
+        cache_utils.DynamicLayer.lazy_initialization(layer, like, like)  # not Fp8's own: it would quantize ``like``
         return layer
 
     def _quantize(self, layer, keys4, values4):

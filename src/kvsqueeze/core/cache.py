@@ -129,6 +129,11 @@ class CompressedCache(Cache):
         self.config = model.config.get_text_config()
         self.model_class = type(model).__name__
         self.implementation = model.config._attn_implementation
+        if self.implementation == "sdpa" and getattr(self.config, "attn_logit_softcapping", None):
+            raise KVSqueezeError(
+                f"{type(model).__name__} softcaps its attention logits, which sdpa does not do; load it with "
+                "attn_implementation='eager'"
+            )
         if self.implementation == "eager":
             modules = attention_modules(model)
             if modules and binding.model_eager(modules[0]) is None:
