@@ -85,19 +85,9 @@ def answer(
     full_ids = generate_input(cache, full_ids, context_ids.shape[-1])
     clock = _StepClock()
     start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            full_ids,
-            attention_mask=torch.ones_like(full_ids),
-            **with_cache(model, cache),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stopping_criteria=StoppingCriteriaList([clock]),
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    new = generate_greedy(model, tokenizer, full_ids, cache, max_new_tokens, clock)
     if query_aware and clock.stamps:
         prefill_seconds = clock.stamps[0] - start
-    new = out[0, full_ids.shape[-1] :]
     steps = len(clock.stamps) - 1
     decode_rate = steps / (clock.stamps[-1] - clock.stamps[0]) if steps > 0 else 0.0
     stats = cache.stats()
@@ -197,8 +187,10 @@ def check_context(cache: CompressedCache, length: int) -> None:
         )
 
 
-def generate_greedy(model, tokenizer, full_ids: torch.Tensor, cache: CompressedCache, max_new_tokens: int):
-    """Greedy new token ids of ``full_ids [1, L]`` with ``cache`` (which may already hold a prefix)."""
+def generate_greedy(model, tokenizer, full_ids: torch.Tensor, cache: CompressedCache, max_new_tokens: int,
+                    clock=None) -> torch.Tensor:  # fmt: skip
+    """Greedy new token ids of ``full_ids [1, L]`` with ``cache`` (which may already hold a prefix); ``clock`` (a
+    stopping criterion) sees every step."""
     full_ids = full_ids.to(model.device)
     with torch.no_grad():
         out = model.generate(
@@ -207,6 +199,7 @@ def generate_greedy(model, tokenizer, full_ids: torch.Tensor, cache: CompressedC
             **with_cache(model, cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            stopping_criteria=StoppingCriteriaList([clock] if clock is not None else []),
             pad_token_id=tokenizer.pad_token_id,
         )
     return out[0, full_ids.shape[-1] :]
