@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from kvsqueeze import codecs, policies, schedules
+from kvsqueeze import codecs, policies, schedules, store
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
@@ -28,4 +28,5 @@ __all__ = [
     "policies",
     "registry",
     "schedules",
+    "store",
 ]
