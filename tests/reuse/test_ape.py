@@ -58,3 +58,13 @@ def test_block_partial_is_the_papers_formula():
     torch.testing.assert_close(lse, 0.8 * torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
     _, plain_lse = fused_partial_attention(q, k.view(B, H, N, D), v.view(B, H, N, D), 0.25 / 0.5)
     assert math.isclose(float((lse - 0.8 * plain_lse).abs().max()), 0.0, abs_tol=1e-5)
+
+
+def test_an_ape_cache_saves_and_loads_bit_for_bit(tmp_path):
+    from kvsqueeze import CompressedCache
+
+    model = tiny_model("llama")
+    cache = ape_cache(model, ids(6, 9), [ids(10, 10), ids(12, 11)])
+    loaded = CompressedCache.load(cache.save(tmp_path / "ape.safetensors"), model)
+    query = ids(3, 12)
+    assert torch.equal(query_logits(model, cache.fork(), query), query_logits(model, loaded, query))
