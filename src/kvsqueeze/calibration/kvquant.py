@@ -11,8 +11,8 @@ from transformers import DynamicCache
 from kvsqueeze.calibration.store import cached, calibration_dir, calibration_ids, model_key, write_json
 from kvsqueeze.codecs.kvquant.codec import CALIBRATED_BITS
 from kvsqueeze.codecs.kvquant.nuq import dense_range, outlier_mask
-from kvsqueeze.codecs.kvquant.rope import rope_params, unrope
 from kvsqueeze.core.compat import with_cache
+from kvsqueeze.core.rope import rope_params, unrope
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
 from kvsqueeze.progress import NO_PROGRESS, Steps

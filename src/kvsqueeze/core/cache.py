@@ -189,9 +189,7 @@ class CompressedCache(Cache):
         config = getattr(module, "config", None)
         if config is None or id(config) in self._known_configs:
             return
-        mine, theirs = self.config.to_dict(), config.get_text_config().to_dict()
-        ignore = {"_attn_implementation_autoset", "_name_or_path", "transformers_version", "dtype", "torch_dtype"}
-        if {k: v for k, v in mine.items() if k not in ignore} != {k: v for k, v in theirs.items() if k not in ignore}:
+        if persist.config_hash(config) != persist.config_hash(self.config):  # what a saved cache is checked by too
             binding.bind(None)
             raise KVSqueezeError(
                 f"this cache was built for a {self.config.model_type} model with another configuration; build a "

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.codecs.kvquant.rope import rerope
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.compat import with_cache
+from kvsqueeze.core.rope import rerope
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.schedules.rerotate import rope_of
 

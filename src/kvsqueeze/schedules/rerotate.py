@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsqueeze.codecs.kvquant.rope import rerope, rope_params, unrope
 from kvsqueeze.core.context import LayerContext
+from kvsqueeze.core.rope import rerope, rope_params, unrope
 from kvsqueeze.errors import KVSqueezeError
 
 KEPT = "rerotate_kept"  # shared_state key: the kept count every layer must share
@@ -28,7 +28,7 @@ def rope_of(model) -> tuple[torch.Tensor, float]:
     text = model.config.get_text_config()
     if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
         raise KVSqueezeError("prefill:rerotate needs full-attention layers only (this model has sliding windows)")
-    inv, scale = rope_params(model)
+    inv, scale = rope_params(model, who="prefill:rerotate", fix="drop rerotate=true")
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     if 2 * len(inv) != head_dim:
         raise KVSqueezeError("prefill:rerotate needs RoPE over the whole head (this model rotates part of it)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.codecs.kvquant.nuq import centroid_values
-from kvsqueeze.codecs.kvquant.rope import cos_sin_table, rerope, rotate_half_pairs
+from kvsqueeze.core.rope import cos_sin_table, rerope, rotate_half_pairs
 from kvsqueeze.core.storage import KVBlock
 
 

@@ -45,8 +45,8 @@ from kvsqueeze.calibration.store import read_file
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.kvquant.block import KVQuantBlock, interleave_rows, remap_outliers
 from kvsqueeze.codecs.kvquant.nuq import nearest, nuq_encode
-from kvsqueeze.codecs.kvquant.rope import unrope
 from kvsqueeze.codecs.packing import pack
+from kvsqueeze.core.rope import unrope
 from kvsqueeze.core.storage import DenseBlock, KVBlock
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register

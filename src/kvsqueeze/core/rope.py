@@ -1,4 +1,6 @@
-"""KVQuant's RoPE handling: keys are stored pre-RoPE and rotated back when a block is read."""
+"""RoPE algebra on cached keys, as transformers computes it (half-split pairs): the model's frequencies, un-rotating
+keys to pre-RoPE (KVQuant stores them so), rotating them to other positions (KVQuant's reads, key re-rotation,
+KVLink's and APE's re-positioning)."""
 
 from __future__ import annotations
 
@@ -8,19 +10,20 @@ from kvsqueeze.errors import KVSqueezeError
 
 
 # ---- RoPE ---------------------------------------------------------------------------------------------------
-def rope_params(model) -> tuple[list[float], float]:
-    """(inverse frequencies, attention scaling) of the RoPE that the model's full-attention layers use."""
+def rope_params(model, who: str = "kvquant", fix: str = "prerope=false") -> tuple[list[float], float]:
+    """(inverse frequencies, attention scaling) of the RoPE that the model's full-attention layers use; ``who`` and
+    ``fix`` name the caller and the way out in the one-line refusals."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     rot = getattr(base, "rotary_emb", None)
     if rot is None:
-        raise KVSqueezeError(f"{type(model).__name__} has no rotary embedding; kvquant needs RoPE (or prerope=false)")
+        raise KVSqueezeError(f"{type(model).__name__} has no rotary embedding; {who} needs RoPE ({fix})")
     if hasattr(rot, "full_attention_inv_freq"):  # per-layer-type RoPE (Gemma-3): the global layers'
         inv, scale = rot.full_attention_inv_freq, rot.full_attention_attention_scaling
         kind = getattr(rot, "rope_type", {}).get("full_attention", "default")
     else:
         inv, scale, kind = rot.inv_freq, rot.attention_scaling, getattr(rot, "rope_type", "default")
     if kind in ("dynamic", "longrope"):
-        raise KVSqueezeError(f"kvquant needs static RoPE frequencies, the model uses {kind!r}; use prerope=false")
+        raise KVSqueezeError(f"{who} needs static RoPE frequencies, the model uses {kind!r}; {fix}")
     return [float(x) for x in inv.double().cpu()], float(scale)
 
 
