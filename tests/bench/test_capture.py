@@ -177,7 +177,7 @@ def test_whole_context_scorer_captured_equals_live_and_runs_its_pass_once(model,
     tok = CharTokenizer()
     ids = _prompt(150, seed=4)
     live = CompressedCache(model, method, ratio=0.5, tokenizer=tok)
-    live.prefill(model, ids)
+    live.prefill(model, ids, attention_mask=torch.ones_like(ids))  # the capture's inputs: the same computation
     kept = live.stats()["tokens_kept"]
     question = torch.tensor([[9, 10, 11]])
     expected = forward(model, live, question)
