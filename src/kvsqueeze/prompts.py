@@ -55,3 +55,20 @@ def prompt_ids(tokenizer, context: str, question: str, answer_prefix: str = "") 
     """``(context_ids [1, Lc], question_ids [1, Lq])`` of :func:`split_prompt`."""
     head, tail = split_prompt(tokenizer, context, question, answer_prefix)
     return ids(tokenizer, head), ids(tokenizer, tail)
+
+
+def segmented_prompt(
+    tokenizer, documents: list[str], question: str, answer_prefix: str = ""
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """A retrieval-augmented prompt in reusable pieces: ``(head [1, h], [document i [1, n_i]], tail [1, t])``.
+
+    The user message is every document followed by a blank line, then the question; ``head`` is the chat template
+    before it, ``tail`` the question, the template's end and ``answer_prefix``. Each piece is tokenized alone, so a
+    document's token ids do not depend on its neighbours or its place (what makes its cache reusable); the whole
+    prompt is the concatenation of the pieces (what a full recompute prefills too)."""
+    text = chat(tokenizer, [{"role": "user", "content": f"{_SPLIT}{question}"}])
+    head, tail = text.split(_SPLIT)
+    if answer_prefix and not getattr(tokenizer, "chat_template", None):
+        tail += " "
+    pieces = [ids(tokenizer, document + "\n\n") for document in documents]
+    return ids(tokenizer, head), pieces, ids(tokenizer, tail + answer_prefix)

@@ -35,7 +35,7 @@ def add_commands(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="niah[:variant], vt, cwe, fwe, ppl, fidelity, multiturn, speed, longgen[:tokens], "
-                "file:PATH.jsonl; comma-separated for several"
+                "rag[:documents], file:PATH.jsonl; comma-separated for several"
             ),
         ] = "niah",
         methods: Annotated[str, typer.Option(help="comma-separated method specs (the full cache is always run)")] = (
@@ -57,6 +57,20 @@ def add_commands(app: typer.Typer) -> None:
         ] = False,
         resume: Annotated[bool, typer.Option("--resume/--no-resume", help="skip cells already in results")] = True,
         executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+        reuse: Annotated[
+            str | None,
+            typer.Option(
+                help="rag: reuse strategies compared with the full recompute, comma-separated (prefix, kvlink"
+                "[:recompute=N], ape[:temperature=T,scale=S] …; default prefix,kvlink,kvlink:recompute=16,ape)"
+            ),
+        ] = None,
+        store: Annotated[
+            str | None,
+            typer.Option(
+                help="rag: the chunk store shared by the sweep's samples and Ray workers (a directory, file:///path "
+                "or redis://host:port; default: one in-process store)"
+            ),
+        ] = None,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="progress bar on stderr")] = True,
         threads: Annotated[
             int,
@@ -78,6 +92,7 @@ def add_commands(app: typer.Typer) -> None:
                 parse_lengths,
                 parse_methods,
                 parse_ratios,
+                parse_reuse_list,
                 run_sweep,
             )
             from kvsqueeze.bench.tasks import parse_tasks
@@ -89,8 +104,15 @@ def add_commands(app: typer.Typer) -> None:
             require("kvsqueeze bench", "matplotlib")
             if threads < 0:
                 raise KVSqueezeError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
+            tasks = parse_tasks(task)
+            if (reuse is not None or store is not None) and not any(t.name == "rag" for t in tasks):
+                raise KVSqueezeError("--reuse and --store are read by --task rag only; add rag to --task or drop them")
+            if store is not None:
+                from kvsqueeze.store import open as open_store
+
+                open_store(store)  # an unreachable or unwritable store fails here, before any model work
             config = SweepConfig(
-                tasks=parse_tasks(task),
+                tasks=tasks,
                 methods=parse_methods(methods),
                 ratios=parse_ratios(ratios),
                 samples=samples,
@@ -102,6 +124,8 @@ def add_commands(app: typer.Typer) -> None:
                 query_aware=query_aware,
                 out=out,
                 resume=resume,
+                reuse=parse_reuse_list(reuse),
+                store=store,
             )
             check_budgets(config)
             runner = get_executor(executor)

@@ -47,7 +47,7 @@ class RayExecutor:
         import ray
         from ray.util import ActorPool
 
-        from kvsqueeze.bench.runner import environment, run_job
+        from kvsqueeze.bench.runner import environment, open_store, run_job
 
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
@@ -60,10 +60,13 @@ class RayExecutor:
         class Worker:
             def __init__(self):
                 self.provider = factory()
+                self.store = None
 
             def run(self, job):
                 p = self.provider
-                return list(run_job(job, config, p.model, p.tokenizer, env))
+                if job.sample.kind == "rag" and self.store is None:  # --store: one store shared by every worker
+                    self.store = open_store(config)
+                return list(run_job(job, config, p.model, p.tokenizer, env, self.store))
 
         pool = ActorPool([Worker.remote() for _ in range(max(1, min(workers, len(jobs))))])
         for rows in pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs):

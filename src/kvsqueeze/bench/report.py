@@ -34,7 +34,8 @@ from kvsqueeze.errors import KVSqueezeError
 LOWER_IS_BETTER = {"ppl": "perplexity", "fidelity": "KL(full ‖ compressed), nats"}
 SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (higher is better)"}
 _EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds",
-          "tokens_kept_mean", "decode_vs_full")  # fmt: skip
+          "tokens_kept_mean", "decode_vs_full", "ttft_seconds", "recomputed_fraction")  # fmt: skip
+_RAG = ("score", "kl_gold", "ttft_seconds", "ttft_vs_full", "recomputed_fraction")
 _SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "rss_vs_full", "peak_rss_bytes", "rss_delta_bytes")
 FIELDS = ["task", "method", "ratio", "metric", "n", "mean", "ci_low", "ci_high", "interval"]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
@@ -68,6 +69,9 @@ def _metrics(rows: list[dict]) -> list[dict]:
         if _number(r.get("full_bytes")) and _number(r.get("cache_bytes")) and r["full_bytes"]:
             m["cache_fraction"] = r["cache_bytes"] / r["full_bytes"]
         ref = full.get((r["task"], r["sample_id"]))
+        rag = r["task"] == "rag" and ref is not None and _number(r.get("ttft_seconds"))
+        if rag and _number(ref.get("ttft_seconds")) and ref["ttft_seconds"]:
+            m["ttft_vs_full"] = r["ttft_seconds"] / ref["ttft_seconds"]
         if r["task"] == "speed" and ref is not None:
             for name, key in (("prefill_vs_full", "prefill_seconds"), ("decode_vs_full", "decode_tokens_per_second"),
                               ("bytes_vs_full", "cache_bytes"), ("rss_vs_full", "rss_delta_bytes")):  # fmt: skip
@@ -189,6 +193,11 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
         lines += _table(["method", *names], bytes_rows)
         if task == "longgen":
             lines += _longgen_table(task_rows, look)
+        if task == "rag":
+            lines += ["Reuse vs. the full recompute (`full`): KL over the gold answer, time to first token (seconds "
+                      "and ratio), fraction of context tokens computed for the request:", ""]  # fmt: skip
+            body = [[m, *(_fmt(look.get((task, m, None, k))) for k in _RAG)] for m in methods]
+            lines += _table(["method", "score", "KL", "TTFT s", "TTFT / full", "recomputed"], body)
     speed = [s for s in summary if s["task"] == "speed" and s["metric"] in _SPEED[:4]]
     if speed:
         lines += ["## speed vs. the full cache (ratios; < 1 = less time / fewer bytes)", ""]

@@ -74,6 +74,33 @@ def parse_methods(text: str) -> list[str]:
     return specs
 
 
+DEFAULT_REUSE = ("prefix", "kvlink", "kvlink:recompute=16", "ape")
+
+
+def parse_reuse_list(text: str | None) -> list[str]:
+    """Comma-separated reuse strategies of the ``rag`` task (``kvlink:recompute=16``), validated and normalized;
+    None or empty: :data:`DEFAULT_REUSE`."""
+    from kvsqueeze.reuse.rag import parse_reuse, spec_of
+
+    pieces: list[str] = []
+    for piece in (text or "").split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece and pieces and ":" in pieces[-1]:
+            pieces[-1] += "," + piece  # a strategy's second parameter
+        else:
+            pieces.append(piece)
+    specs: list[str] = []
+    for piece in pieces or DEFAULT_REUSE:
+        if piece.lower() in ("full", "none"):
+            continue
+        spec = spec_of(parse_reuse(piece))
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
 def parse_ratios(text: str) -> list[float]:
     ratios = []
     for piece in text.split(","):
@@ -122,6 +149,15 @@ class SweepConfig:
     query_aware: bool = False
     out: Path = Path("runs/bench")
     resume: bool = True
+    reuse: list[str] = field(default_factory=lambda: list(DEFAULT_REUSE))  # rag: reuse strategies (normalized)
+    store: str | None = None  # rag: the chunk store's URL shared by the sweep (None: one in-process store)
+
+    def cells_for(self, task: TaskSpec) -> list[Cell]:
+        """The cells of every sample of ``task``: rag compares reuse strategies with the full recompute, every other
+        task methods × ratios with the full cache."""
+        if task.name == "rag":
+            return [Cell("none", None), *(Cell(f"reuse:{spec}", None) for spec in self.reuse)]
+        return self.cells()
 
     def cells(self) -> list[Cell]:
         cells = [Cell("none", None)]
@@ -163,9 +199,10 @@ class SweepConfig:
 
 def sample_digest(sample: Sample) -> str:
     """A hash of everything a sample's evaluation reads (context, questions, continuation, kind)."""
-    payload = json.dumps(
-        [sample.kind, sample.context, [asdict(q) for q in sample.questions], sample.continuation], sort_keys=True
-    )
+    parts = [sample.kind, sample.context, [asdict(q) for q in sample.questions], sample.continuation]
+    if sample.documents:  # (only then: the digests of other tasks stay what they were)
+        parts.append(list(sample.documents))
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -175,7 +212,7 @@ def check_budgets(config: SweepConfig) -> None:
     (their lengths are per sample); a cell that still fails at run time is recorded as an error row."""
     for task in config.tasks:
         for length in config.lengths_for(task):
-            if not length:
+            if not length or task.name == "rag":
                 continue
             for cell in config.cells():
                 if cell.ratio is None:
@@ -455,10 +492,11 @@ def environment() -> dict:
 
 
 # ---- work ----------------------------------------------------------------------------------------------------
-def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict) -> Iterator[dict]:
-    """Rows of one job, one per cell (errors become rows); the cells of a sample are evaluated together."""
+def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict, store=None) -> Iterator[dict]:
+    """Rows of one job, one per cell (errors become rows); the cells of a sample are evaluated together. ``store``:
+    the chunk store that ``rag`` samples share (see :func:`open_store`)."""
     sample = job.sample
-    evaluator = evaluator_for(model, tokenizer, sample, config.query_aware)
+    evaluator = evaluator_for(model, tokenizer, sample, config.query_aware, store=store)
     start = time.perf_counter()
     memo = None
     if sample.kind in ("qa", "continuation", "multiturn"):  # cells built from one captured prefill share scoring work
@@ -532,6 +570,14 @@ class TimedMemo(dict):
         return dict(paid)
 
 
+def open_store(config: SweepConfig):
+    """The chunk store of a sweep's ``rag`` samples: ``config.store`` (shared by processes and Ray workers when it is
+    a directory or Redis), else an in-process one that lives as long as the executor's run."""
+    from kvsqueeze.store import open as open_url
+
+    return open_url(config.store or "memory://")
+
+
 class LocalExecutor:
     """Runs jobs one after another in this process (one model, loaded once)."""
 
@@ -539,8 +585,9 @@ class LocalExecutor:
 
     def run(self, jobs: list[Job], config: SweepConfig, provider: ModelProvider, on_row: Callable[[dict], None]):
         env = environment()
+        store = open_store(config) if any(job.sample.kind == "rag" for job in jobs) else None
         for job in jobs:
-            for row in run_job(job, config, provider.model, provider.tokenizer, env):
+            for row in run_job(job, config, provider.model, provider.tokenizer, env, store):
                 on_row(row)
 
 
@@ -569,8 +616,8 @@ class SweepResult:
 def plan(config: SweepConfig, tokenizer, finished: set[str], provider=None) -> tuple[list[Job], int]:
     """Jobs with pending cells, and how many cells were already finished."""
     jobs, skipped = [], 0
-    cells = config.cells()
     for task in config.tasks:
+        cells = config.cells_for(task)
         for length in config.lengths_for(task):
             for sample in generate(task, tokenizer, samples=config.samples, length=length, seed=config.seed):
                 check_sample_fits(sample, tokenizer, provider)

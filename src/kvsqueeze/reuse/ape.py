@@ -73,10 +73,27 @@ def ape_cache(
         raise KVSqueezeError("APE needs at least one context")
     if not (temperature > 0 and scale > 0):
         raise KVSqueezeError(f"APE's temperature and scale must be > 0, got {temperature} and {scale}")
-    rope = rope_of(model)
     prefix, encoded = encode_contexts(model, prefix_ids, contexts)
-    p = prefix_ids.shape[-1]
-    lengths = [ids.shape[-1] for ids in contexts]
+    return combine(model, prefix, encoded, temperature, scale)
+
+
+@torch.no_grad()
+def combine(
+    model, prefix: CompressedCache, encoded: list[CompressedCache], temperature: float = 0.9, scale: float = 0.9
+) -> CompressedCache:
+    """APE's cache from caches computed before (e.g. kept in a store): ``prefix`` holds the shared prefix alone,
+    each of ``encoded`` that prefix followed by one context (see :func:`encode_contexts`)."""
+    if not encoded:
+        raise KVSqueezeError("APE needs at least one context")
+    if not (temperature > 0 and scale > 0):
+        raise KVSqueezeError(f"APE's temperature and scale must be > 0, got {temperature} and {scale}")
+    p = prefix.get_seq_length()
+    if prefix.tokens is None or any(
+        c.tokens is None or c.tokens.shape[-1] <= p or not torch.equal(c.tokens[:, :p], prefix.tokens) for c in encoded
+    ):
+        raise KVSqueezeError("APE's contexts must each be encoded after the shared prefix: use encode_contexts")
+    rope = rope_of(model)
+    lengths = [c.get_seq_length() - p for c in encoded]
     shift = sum(lengths) - max(lengths)  # the query then sits right after the longest context, as in APE
     out = CompressedCache(model, "none")
     for idx, layer in enumerate(out.layers):
@@ -93,5 +110,5 @@ def ape_cache(
         ]  # fmt: skip
         layer.seen = p + sum(lengths)
         layer.compressions = 1  # the layer attends over its blocks from now on
-    out.tokens = torch.cat([prefix_ids, *contexts], dim=-1).cpu()
+    out.tokens = torch.cat([prefix.tokens, *(c.tokens[:, p:] for c in encoded)], dim=-1).cpu()
     return out

@@ -3,6 +3,8 @@
 - a directory (the default; ``open("path/to/dir")`` or ``open("file:///path")``): one file per cache, written
   atomically, safe for concurrent processes, an optional size limit with least-recently-used eviction
   (:mod:`kvsqueeze.store.directory`);
+- memory (``open("memory://")``): this process only, least recently used out under ``max_bytes``
+  (:mod:`kvsqueeze.store.memory`; the bench's default chunk store);
 - Redis (``open("redis://host:port/db")``) for several processes and machines: blobs in chunks, metadata in a hash,
   optional TTL and size limit (:mod:`kvsqueeze.store.redis_backend`; extra ``kvsqueeze[redis]``).
 
@@ -103,8 +105,9 @@ class Store:
 
 
 def open(url: str | Path, *, max_bytes: int | None = None, ttl: int | None = None) -> Store:
-    """A store at ``url``: a directory path (or ``file://``) or ``redis://host:port[/db]``. ``max_bytes`` bounds
-    what it holds (least recently used caches go first); ``ttl`` (seconds, Redis) expires entries."""
+    """A store at ``url``: a directory path (or ``file://``), ``memory://`` or ``redis://host:port[/db]``.
+    ``max_bytes`` bounds what it holds (least recently used caches go first); ``ttl`` (seconds, Redis) expires
+    entries."""
     text = str(url)
     if max_bytes is not None and max_bytes < 1:
         raise KVSqueezeError(f"max_bytes must be >= 1, got {max_bytes}")
@@ -112,8 +115,16 @@ def open(url: str | Path, *, max_bytes: int | None = None, ttl: int | None = Non
         from kvsqueeze.store.redis_backend import RedisBackend
 
         return Store(RedisBackend(text, max_bytes=max_bytes, ttl=ttl))
+    if text == "memory://":
+        from kvsqueeze.store.memory import MemoryBackend
+
+        if ttl is not None:
+            raise KVSqueezeError("ttl is a Redis store option; a memory store evicts by size (max_bytes)")
+        return Store(MemoryBackend(max_bytes=max_bytes))
     if "://" in text and not text.startswith("file://"):
-        raise KVSqueezeError(f"unknown store URL {text!r}: give a directory, file:///path or redis://host:port")
+        raise KVSqueezeError(
+            f"unknown store URL {text!r}: give a directory, file:///path, memory:// or redis://host:port"
+        )
     if ttl is not None:
         raise KVSqueezeError("ttl is a Redis store option; a directory store evicts by size (max_bytes)")
     from kvsqueeze.store.directory import DirectoryBackend

@@ -20,6 +20,7 @@ from kvsqueeze.bench.tasks import (
     longgen,
     multiturn,
     niah,
+    rag,
     ruler,
     ruler_hf,
     speed,
@@ -37,6 +38,7 @@ GENERATORS: dict[str, Callable[..., list[Sample]]] = {
     "multiturn": multiturn.generate,
     "speed": speed.generate,
     "longgen": longgen.generate,
+    "rag": rag.generate,
 }
 # standard benchmarks read from a dataset (Hub id or local file): name -> (generator, validator)
 DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], None]]] = {
@@ -44,7 +46,7 @@ DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], No
     "infinitebench": (infinitebench.generate, infinitebench.validate),
     "ruler": (ruler_hf.generate, ruler_hf.validate),
 }
-OPTIONS = {"niah": niah.OPTIONS}
+OPTIONS = {"niah": niah.OPTIONS, "rag": rag.OPTIONS}
 TASK_NAMES = (*GENERATORS, "file:PATH.jsonl", "longbench:DATASET", "infinitebench:TASK", "ruler:DATASET_ID")
 # Part of every cell key: bump a task's version when its generator changes what a sample means (the sample's
 # content hash, also in the key, catches changed text; this catches e.g. a changed scoring rule for the task).

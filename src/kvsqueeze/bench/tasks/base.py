@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Kind = Literal["qa", "continuation", "multiturn", "speed", "longgen"]
+Kind = Literal["qa", "continuation", "multiturn", "speed", "longgen", "rag"]
 OPENERS = "\"'“‘«([{<`"  # an answer right after one of these starts without a space
 
 
@@ -43,6 +43,7 @@ class Sample:
     context: str
     questions: tuple[Question, ...] = ()
     continuation: str = ""  # continuation tasks: the text teacher-forced after the context
+    documents: tuple[str, ...] = ()  # rag: the context's documents, each a reusable piece (``context`` joins them)
     meta: dict = field(default_factory=dict)  # depth, length, variant … (plots and tables group by these)
 
     def as_dict(self) -> dict:

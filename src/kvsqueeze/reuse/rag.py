@@ -1,0 +1,215 @@
+"""Retrieval-augmented prompts served from caches computed before: the common ground of the reuse methods.
+
+A :class:`Request` is a prompt in pieces (:func:`kvsqueeze.prompts.segmented_prompt`): the chat template's head,
+the documents, the question's tail. :class:`ChunkCaches` keeps each document's cache in a
+:class:`~kvsqueeze.store.Store` — computed alone (KVLink, Cache-Craft, KVShare) or after the shared head (APE) — and
+counts hits, misses and the seconds spent encoding and loading. A *reuse strategy* turns a request and the chunk
+caches into a cache holding the whole context, and says how many context tokens it computed for this request;
+``model.generate`` (or the bench) then prefills the tail only. :func:`parse_reuse` reads a spec such as
+``kvlink:recompute=16``; :data:`STRATEGIES` lists them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvsqueeze.core.cache import CompressedCache
+from kvsqueeze.core.compat import with_cache
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.reuse import ape, kvlink
+from kvsqueeze.store import Store, cache_key
+
+
+@dataclass(frozen=True)
+class Request:
+    head: torch.Tensor  # [1, h] the template before the documents: the shared prefix
+    documents: tuple[torch.Tensor, ...]  # [1, n_i] each, tokenized alone
+    tail: torch.Tensor  # [1, t] the question, the template's end and the answer prefix
+
+    @property
+    def context_ids(self) -> torch.Tensor:
+        return torch.cat([self.head, *self.documents], dim=-1)
+
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        return torch.cat([self.context_ids, self.tail], dim=-1)
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Context lengths after the head and after each document."""
+        out = [self.head.shape[-1]]
+        for doc in self.documents:
+            out.append(out[-1] + doc.shape[-1])
+        return out
+
+
+@dataclass
+class ChunkCaches:
+    """Chunk caches (method ``none``) in ``store``, loaded when there and encoded (then stored) when not."""
+
+    store: Store
+    model: object
+    hits: int = 0
+    misses: int = 0
+    encode_seconds: float = 0.0
+    load_seconds: float = 0.0
+    pause: float = field(default=0.0)  # seconds spent on bookkeeping that a request's time to first token excludes
+
+    def _get(self, ids: torch.Tensor, build) -> CompressedCache:
+        key = cache_key(self.model, "none", ids)
+        start = time.perf_counter()
+        cache = self.store.load(key, self.model)
+        if cache is not None:
+            self.hits += 1
+            self.load_seconds += time.perf_counter() - start
+            return cache
+        self.misses += 1
+        start = time.perf_counter()
+        cache = build()
+        self.encode_seconds += time.perf_counter() - start
+        self.save(cache, ids)
+        return cache
+
+    def save(self, cache: CompressedCache, ids: torch.Tensor) -> None:
+        """Store ``cache`` of ``ids`` (its time is bookkeeping, not the request's)."""
+        start = time.perf_counter()
+        self.store.save(cache, self.model, token_ids=ids)
+        self.pause += time.perf_counter() - start
+
+    def alone(self, ids: torch.Tensor) -> CompressedCache:
+        """The cache of ``ids [1, n]`` encoded alone at positions ``0 … n-1``."""
+        return self._get(ids, lambda: kvlink.encode_document(self.model, ids))
+
+    def after(self, head: torch.Tensor, ids: torch.Tensor) -> CompressedCache:
+        """The cache of ``head`` followed by ``ids`` (APE's context encoded after the shared prefix)."""
+        both = torch.cat([head, ids], dim=-1)
+        return self._get(both, lambda: ape.encode_contexts(self.model, head, [ids])[1][0])
+
+    def warm(self, request: Request, strategy: Strategy) -> None:
+        """Encode (untimed) the chunks ``strategy`` reads for ``request``, so its timing finds them stored."""
+        strategy.warm(request, self)
+
+
+@dataclass
+class Reused:
+    cache: CompressedCache  # holds the whole context of the request
+    recomputed: int  # context tokens computed for this request (0: everything reused)
+
+
+class Strategy(Protocol):
+    name: str
+
+    def build(self, model, request: Request, chunks: ChunkCaches) -> Reused: ...
+
+    def warm(self, request: Request, chunks: ChunkCaches) -> None: ...
+
+
+@dataclass
+class PrefixReuse:
+    """The baseline: the longest stored prefix of the context (cut at document boundaries) is loaded and the rest
+    prefilled; every boundary prefix of this request is stored for later ones (not counted in its time)."""
+
+    name: str = "prefix"
+
+    def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
+        context = request.context_ids
+        found, length = chunks.store.longest_prefix(model, "none", torch.cat([context, request.tail[:, :1]], -1))
+        cache = found.fork() if found is not None else CompressedCache(model, "none")
+        chunks.hits += found is not None
+        for end in request.boundaries:
+            if end <= length:
+                continue
+            start = cache.get_seq_length()
+            model(input_ids=context[:, start:end].to(model.device), **with_cache(model, cache), use_cache=True,
+                  logits_to_keep=1)  # fmt: skip
+            cache.tokens = context[:, :end].cpu()
+            chunks.save(cache, context[:, :end])
+        return Reused(cache, context.shape[-1] - length)
+
+    def warm(self, request: Request, chunks: ChunkCaches) -> None:
+        return None  # a prefix cache exists only if an earlier request had the same first documents
+
+
+@dataclass
+class KVLinkReuse:
+    """KVLink: the head and every document encoded alone, keys re-encoded to their global positions; ``recompute``
+    tokens at the start of each document recomputed in context (:mod:`kvsqueeze.reuse.kvlink`)."""
+
+    recompute: int = 0
+    name: str = "kvlink"
+
+    def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
+        parts = [chunks.alone(request.head), *(chunks.alone(d) for d in request.documents)]
+        cache = kvlink.link(model, parts, recompute=self.recompute)
+        return Reused(cache, sum(min(self.recompute, d.shape[-1]) for d in request.documents))
+
+    def warm(self, request: Request, chunks: ChunkCaches) -> None:
+        for ids in (request.head, *request.documents):
+            chunks.alone(ids)
+
+
+@dataclass
+class APEReuse:
+    """APE: every document encoded after the shared head, combined with its temperature and scale
+    (:mod:`kvsqueeze.reuse.ape`)."""
+
+    temperature: float = 0.9
+    scale: float = 0.9
+    name: str = "ape"
+
+    def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
+        prefix = chunks.alone(request.head)
+        encoded = [chunks.after(request.head, d) for d in request.documents]
+        return Reused(ape.combine(model, prefix, encoded, self.temperature, self.scale), 0)
+
+    def warm(self, request: Request, chunks: ChunkCaches) -> None:
+        chunks.alone(request.head)
+        for d in request.documents:
+            chunks.after(request.head, d)
+
+
+STRATEGIES: dict[str, tuple[type, dict[str, type]]] = {
+    "prefix": (PrefixReuse, {}),
+    "kvlink": (KVLinkReuse, {"recompute": int}),
+    "ape": (APEReuse, {"temperature": float, "scale": float}),
+}
+
+
+def parse_reuse(spec: str) -> Strategy:
+    """``name[:key=value,…]`` → a strategy (one line naming what is valid otherwise)."""
+    name, _, params = spec.strip().partition(":")
+    if name not in STRATEGIES:
+        raise KVSqueezeError(f"unknown reuse strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    cls, fields = STRATEGIES[name]
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise KVSqueezeError(f"bad parameter {item!r} for reuse strategy {name}; valid parameters: {valid}")
+        try:
+            kwargs[key] = fields[key](value)
+        except ValueError:
+            raise KVSqueezeError(f"{name}: {key} must be a {fields[key].__name__}, got {value!r}") from None
+    strategy = cls(**kwargs)
+    check = getattr(strategy, "check", None)
+    if check is not None:
+        check()
+    if getattr(strategy, "recompute", 0) < 0:
+        raise KVSqueezeError(f"{name}: recompute must be >= 0 tokens, got {strategy.recompute}")
+    for key in ("temperature", "scale"):
+        if getattr(strategy, key, 1.0) <= 0:
+            raise KVSqueezeError(f"{name}: {key} must be > 0, got {getattr(strategy, key)}")
+    return strategy
+
+
+def spec_of(strategy: Strategy) -> str:
+    """The normalized spec of ``strategy`` (parameters that differ from the defaults, sorted)."""
+    cls, fields = STRATEGIES[strategy.name]
+    default = cls()
+    params = [f"{k}={getattr(strategy, k):g}" for k in sorted(fields) if getattr(strategy, k) != getattr(default, k)]
+    return strategy.name + (":" + ",".join(params) if params else "")
