@@ -65,9 +65,12 @@ def segmented_prompt(
     The user message is every document followed by a blank line, then the question; ``head`` is the chat template
     before it, ``tail`` the question, the template's end and ``answer_prefix``. Each piece is tokenized alone, so a
     document's token ids do not depend on its neighbours or its place (what makes its cache reusable); the whole
-    prompt is the concatenation of the pieces (what a full recompute prefills too)."""
+    prompt is the concatenation of the pieces (what a full recompute prefills too). Without a chat template the head
+    is a one-line instruction, so that every prompt starts with a shared prefix."""
     text = chat(tokenizer, [{"role": "user", "content": f"{_SPLIT}{question}"}])
     head, tail = text.split(_SPLIT)
+    if not head:
+        head = "Answer the question after these documents.\n\n"
     if answer_prefix and not getattr(tokenizer, "chat_template", None):
         tail += " "
     pieces = [ids(tokenizer, document + "\n\n") for document in documents]
