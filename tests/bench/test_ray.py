@@ -29,6 +29,9 @@ def test_ray_executor_matches_local(tmp_path):
     try:
         executor = RayExecutor(provider_factory=TinyProvider, num_workers=2)
         result = run_sweep(config(tmp_path / "ray"), TinyProvider(), executor=executor, progress=False, render=False)
+        rag = SweepConfig(tasks=parse_tasks("rag:4"), methods=[], ratios=[0.5], samples=3, lengths=[700],
+                          out=tmp_path / "rag-ray", reuse=["kvlink"], store=str(tmp_path / "chunks"))  # fmt: skip
+        run_sweep(rag, TinyProvider(), executor=executor, progress=False, render=False)
     finally:
         ray.shutdown()
     local = {r["key"]: r for r in read_rows(tmp_path / "local" / "results.jsonl")}
@@ -42,3 +45,10 @@ def test_ray_executor_matches_local(tmp_path):
     again = run_sweep(config(tmp_path / "ray"), TinyProvider(fail_on_load=True), executor=executor, progress=False,
                       render=False)  # fmt: skip
     assert again.rows_written == 0
+    # the workers shared one chunk store: a later local sweep over it encodes nothing
+    ray_rows = read_rows(tmp_path / "rag-ray" / "results.jsonl")
+    assert len(ray_rows) == 6 and all(r["status"] == "ok" for r in ray_rows)
+    rag.out = tmp_path / "rag-local"
+    run_sweep(rag, TinyProvider(), progress=False, render=False)
+    linked = [r for r in read_rows(rag.out / "results.jsonl") if r["method"] == "reuse:kvlink"]
+    assert len(linked) == 3 and all(r["chunk_misses"] == 0 for r in linked)
