@@ -75,6 +75,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 DEFAULT_REUSE = ("prefix", "kvlink", "kvlink:recompute=16", "ape")
+MEMORY_STORE_BYTES = 2 << 30  # the in-process chunk store's bound (least recently used out): a sweep stays bounded
 
 
 def parse_reuse_list(text: str | None) -> list[str]:
@@ -572,10 +573,13 @@ class TimedMemo(dict):
 
 def open_store(config: SweepConfig):
     """The chunk store of a sweep's ``rag`` samples: ``config.store`` (shared by processes and Ray workers when it is
-    a directory or Redis), else an in-process one that lives as long as the executor's run."""
+    a directory or Redis), else an in-process one (at most ``MEMORY_STORE_BYTES``) that lives as long as the
+    executor's run."""
     from kvsqueeze.store import open as open_url
 
-    return open_url(config.store or "memory://")
+    if config.store:
+        return open_url(config.store)
+    return open_url("memory://", max_bytes=MEMORY_STORE_BYTES)
 
 
 class LocalExecutor:
