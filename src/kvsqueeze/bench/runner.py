@@ -500,7 +500,12 @@ def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict, store=No
     evaluator = evaluator_for(model, tokenizer, sample, config.query_aware, store=store)
     start = time.perf_counter()
     memo = None
-    if sample.kind in ("qa", "continuation", "multiturn"):  # cells built from one captured prefill share scoring work
+    if sample.kind in (
+        "qa",
+        "continuation",
+        "multiturn",
+        "multirequest",
+    ):  # cells built from one captured prefill share scoring work
         memo = TimedMemo()
         evaluator.prefill.memo = memo
     results = evaluator.run_all(job.cells)

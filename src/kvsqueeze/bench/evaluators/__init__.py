@@ -1,12 +1,13 @@
-"""One evaluator per sample kind (``qa``, ``continuation``, ``multiturn``, ``longgen``, ``speed``, ``rag``), all sharing
-one prompt builder with the Python API (:mod:`kvsqueeze.prompts`): one exact prefill per sample, then one cache per
-(method, ratio) cell, one result row per cell."""
+"""One evaluator per sample kind (``qa``, ``continuation``, ``multiturn``, ``multirequest``, ``longgen``, ``speed``,
+``rag``), all sharing one prompt builder with the Python API (:mod:`kvsqueeze.prompts`): one exact prefill per
+sample, then one cache per (method, ratio) cell, one result row per cell."""
 
 from __future__ import annotations
 
 from kvsqueeze.bench.evaluators.base import Cell, Evaluator
 from kvsqueeze.bench.evaluators.continuation import ContinuationEvaluator
 from kvsqueeze.bench.evaluators.longgen import LonggenEvaluator, longgen
+from kvsqueeze.bench.evaluators.multirequest import MultiRequestEvaluator
 from kvsqueeze.bench.evaluators.multiturn import MultiturnEvaluator
 from kvsqueeze.bench.evaluators.qa import QAEvaluator
 from kvsqueeze.bench.evaluators.rag import RagEvaluator
@@ -15,7 +16,15 @@ from kvsqueeze.bench.tasks.base import Sample
 
 EVALUATORS: dict[str, type[Evaluator]] = {
     e.kind: e
-    for e in (QAEvaluator, ContinuationEvaluator, MultiturnEvaluator, LonggenEvaluator, SpeedEvaluator, RagEvaluator)
+    for e in (
+        QAEvaluator,
+        ContinuationEvaluator,
+        MultiturnEvaluator,
+        LonggenEvaluator,
+        SpeedEvaluator,
+        RagEvaluator,
+        MultiRequestEvaluator,
+    )
 }
 
 

@@ -23,6 +23,7 @@ from kvsqueeze.bench.tasks import (
     rag,
     ruler,
     ruler_hf,
+    scbench,
     speed,
 )
 from kvsqueeze.bench.tasks.base import Question, Sample
@@ -39,6 +40,7 @@ GENERATORS: dict[str, Callable[..., list[Sample]]] = {
     "speed": speed.generate,
     "longgen": longgen.generate,
     "rag": rag.generate,
+    "scbench": scbench.generate,
 }
 # standard benchmarks read from a dataset (Hub id or local file): name -> (generator, validator)
 DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], None]]] = {
@@ -46,7 +48,7 @@ DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], No
     "infinitebench": (infinitebench.generate, infinitebench.validate),
     "ruler": (ruler_hf.generate, ruler_hf.validate),
 }
-OPTIONS = {"niah": niah.OPTIONS, "rag": rag.OPTIONS}
+OPTIONS = {"niah": niah.OPTIONS, "rag": rag.OPTIONS, "scbench": scbench.OPTIONS}
 TASK_NAMES = (*GENERATORS, "file:PATH.jsonl", "longbench:DATASET", "infinitebench:TASK", "ruler:DATASET_ID")
 # Part of every cell key: bump a task's version when its generator changes what a sample means (the sample's
 # content hash, also in the key, catches changed text; this catches e.g. a changed scoring rule for the task).
@@ -115,6 +117,8 @@ def generated_tokens(task: TaskSpec) -> int:
         return longgen.parse_tokens(task.option) + 64
     if task.name == "multiturn":
         return multiturn.TURNS * 64
+    if task.name == "scbench":
+        return 0  # its generator keeps the questions and answers of a session inside the context length
     return 128
 
 
