@@ -12,7 +12,7 @@ from kvsqueeze.bench.tasks.niah import DEPTHS, VARIANTS
 from kvsqueeze.errors import KVSqueezeError
 from tests.conftest import tiny_model
 
-TASKS = ["niah", "vt", "cwe", "fwe", "fidelity", "multiturn", "speed", "longgen", "rag"]
+TASKS = ["niah", "vt", "cwe", "fwe", "fidelity", "multiturn", "speed", "longgen", "rag", "scbench"]
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -21,10 +21,10 @@ over seeded words and numbers, no dataset):
   (Mix.*).
 
 Option: ``scbench:CATEGORY``, ``scbench:MODE`` or ``scbench:CATEGORY-MODE``; without it sample ``i`` takes category
-``CATEGORIES[i % 4]`` and mode ``MODES[(i // 4) % 2]``. Every turn is scored with ``string_match_all`` (rows carry
-``turn1 … turnN``, so decay over turns shows). Deviations from SCBench: synthetic contexts of the requested length
-(SCBench's are 100k+ tokens of real documents), answers are short strings a 135M model can produce (numbers),
-and generation is capped at the answer's tokens plus a few.
+``CATEGORIES[i % 4]`` and mode ``MODES[(i // 4) % 2]`` (with a category alone: ``MODES[i % 2]``). Every turn is
+scored with ``string_match_all`` (rows carry ``turn1 … turnN``, so decay over turns shows). Deviations from SCBench:
+synthetic contexts of the requested length (SCBench's are 100k+ tokens of real documents), answers are short
+strings a 135M model can produce (numbers), and generation is capped at the answer's tokens plus a few.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
     for i in range(samples):
         rng = rng_for("scbench", option, length, seed, i)
         category = fixed_category or CATEGORIES[i % len(CATEGORIES)]
-        mode = fixed_mode or MODES[(i // len(CATEGORIES)) % len(MODES)]
+        mode = fixed_mode or MODES[(i if fixed_category else i // len(CATEGORIES)) % len(MODES)]
         if category == "multitask":
             parts = [PARTS[name](tokenizer, rng, budget // 3, TURNS) for name in ("string", "semantic", "global")]
             context = "\n\n".join(text for text, _ in parts)
