@@ -22,11 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def _records(context: str) -> dict[str, str]:
-    return dict(re.findall(r"^([a-z]+-[a-z]+): (\d+)$", context, flags=re.M))
+    return dict(re.findall(r"^The value of the record ([a-z]+-[a-z]+) is (\d+)\.$", context, flags=re.M))
 
 
 def _readings(context: str) -> list[int]:
-    return [int(v) for v in re.findall(r"^reading \d+: (\d+)$", context, flags=re.M)]
+    return [int(v) for v in re.findall(r"^Reading \d+ is (\d+)\.$", context, flags=re.M)]
 
 
 def test_grid_and_answers_follow_from_the_context(chars):

@@ -11,12 +11,13 @@ One context, ``TURNS`` questions about it, in one of SCBench's two shared-contex
 and one of its four capability categories (SCBench's task in parentheses; contexts and questions are templates
 over seeded words and numbers, no dataset):
 
-- ``string`` — string retrieval: a list of ``key: value`` records (Retr.KV), asked for a key's value, and for the
-  value that starts and ends with given digits (Retr.Prefix-Suffix);
+- ``string`` — string retrieval: a list of records ``The value of the record {key} is {value}.`` (Retr.KV), asked
+  for a key's value, and for the value that starts and ends with given digits (Retr.Prefix-Suffix);
 - ``semantic`` — semantic retrieval: facts about invented people planted in essay text, asked in other words
   than they are stated (``… keeps 7 goats …`` → "How many goats does …?"; En.QA in spirit);
-- ``global`` — global information: a list of numbered readings, asked for the largest, the smallest, the most
-  frequent reading and how many readings a given value has (Math.Find and counting: no answer sits in one place);
+- ``global`` — global information: a list of numbered readings (``Reading 12 is 4605.``), asked for the largest,
+  the smallest, the most frequent reading and how many readings a given value has (Math.Find and counting: no
+  answer sits in one place), and one reading by its number;
 - ``multitask`` — one context holding records, facts and readings, the session mixing the three kinds of question
   (Mix.*).
 
@@ -99,11 +100,15 @@ def string_part(tokenizer, rng: random.Random, budget: int, turns: int) -> tuple
     def record() -> str:
         key = f"{rng.choice(words)}-{rng.choice(words)}"
         records.append((key, _number(rng, taken)))
-        return f"{key}: {records[-1][1]}"
+        return f"The value of the record {key} is {records[-1][1]}."
 
     lines = _fill(tokenizer, [], budget, record)
     records = records[: len(lines)]
-    text = "Records (key: value):\n" + "\n".join(lines)
+    if len(records) < turns:
+        raise KVSqueezeError(
+            f"{len(records)} records fit this scbench context, {turns} are asked; use a longer context"
+        )
+    text = "Records:\n" + "\n".join(lines)
     questions = []
     for t, (key, value) in enumerate(rng.sample(records, turns)):
         if t % 2 == 0:
@@ -147,7 +152,7 @@ def global_part(tokenizer, rng: random.Random, budget: int, turns: int) -> tuple
 
     def reading() -> str:
         readings.append(rng.randrange(1000, 9000))
-        return f"reading {len(readings)}: {readings[-1]}"
+        return f"Reading {len(readings)} is {readings[-1]}."
 
     lines = _fill(tokenizer, [], budget - 24, reading)
     readings = readings[: len(lines)]
@@ -155,13 +160,13 @@ def global_part(tokenizer, rng: random.Random, budget: int, turns: int) -> tuple
     for _ in range(3):  # one value recurs: the most frequent reading
         spot = rng.randrange(len(readings))
         readings[spot] = frequent
-        lines[spot] = f"reading {spot + 1}: {frequent}"
+        lines[spot] = f"Reading {spot + 1} is {frequent}."
     top = 9000 + rng.randrange(999)  # the extremes are unique
     low = 100 + rng.randrange(899)
     spots = rng.sample(range(len(readings)), 2)
     for spot, value in zip(spots, (top, low), strict=True):
         readings[spot] = value
-        lines[spot] = f"reading {spot + 1}: {value}"
+        lines[spot] = f"Reading {spot + 1} is {value}."
     text = "Sensor readings:\n" + "\n".join(lines)
     count = str(readings.count(frequent))
     k = rng.randrange(len(readings))
@@ -199,7 +204,8 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
         category = fixed_category or CATEGORIES[i % len(CATEGORIES)]
         mode = fixed_mode or MODES[(i if fixed_category else i // len(CATEGORIES)) % len(MODES)]
         if category == "multitask":
-            parts = [PARTS[name](tokenizer, rng, budget // 3, TURNS) for name in ("string", "semantic", "global")]
+            kinds = ("string", "semantic", "global")
+            parts = [PARTS[name](tokenizer, rng, budget // 3, len(range(j, TURNS, 3))) for j, name in enumerate(kinds)]
             context = "\n\n".join(text for text, _ in parts)
             mixed = [parts[t % 3][1][t // 3] for t in range(TURNS)]  # the session alternates the three kinds
             questions = tuple(mixed)
