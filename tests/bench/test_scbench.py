@@ -89,3 +89,7 @@ def test_a_scbench_sweep_scores_every_turn(tmp_path):
     assert {r["meta"]["mode"] for r in rows} == set(MODES)
     for r in rows:
         assert len(r["output"]) == TURNS and {f"turn{i}" for i in range(1, TURNS + 1)} <= set(r["scores"])
+    assert {r["task"] for r in rows} == {"scbench:multitask-multiturn", "scbench:multitask-multirequest"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.count("Score per turn") == 2 and "| snapkv@0.5 | eviction |" in summary
+    assert (tmp_path / "turns_scbench_multitask-multirequest.png").stat().st_size > 0

@@ -193,6 +193,7 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
         lines += _table(["method", *names], bytes_rows)
         if task == "longgen":
             lines += _longgen_table(task_rows, look)
+        lines += _turns_table(task, task_rows, look)
         if task == "rag":
             lines += ["Reuse vs. the full recompute (`full`): KL over the gold answer, time to first token (seconds "
                       "and ratio), fraction of context tokens computed for the request:", ""]  # fmt: skip
@@ -226,6 +227,64 @@ def _longgen_table(task_rows: list[dict], look: dict) -> list[str]:
         cells = [look.get(("longgen", method, ratio, k)) for k in ("kl", "tokens_kept_mean", "decode_vs_full")]
         body.append([method, "" if ratio is None else f"{ratio:g}", *(_fmt(c) for c in cells)])
     return lines + _table(["method", "ratio", "KL", "tokens held", "decode vs full"], body)
+
+
+def family(method: str) -> str:
+    """The family a result row's method belongs to (the registry's, of its scorer, else of its codec): what the
+    per-turn plot groups by. ``full`` is the full cache, ``reuse:…`` the reuse strategies."""
+    if method == "full":
+        return "full"
+    if method.startswith("reuse:"):
+        return "reuse"
+    from kvsqueeze.spec import parse_method, registry
+
+    try:
+        parsed = parse_method(method)
+    except KVSqueezeError:
+        return "other"
+    part = parsed.scorer if parsed.scorer.name != "none" else parsed.codec
+    return registry()[part.name].family or "other"
+
+
+def turn_metrics(task_rows: list[dict]) -> list[str]:
+    """``turn1 … turnN`` scored by the rows of a task (multi-turn and multi-request sessions), in turn order."""
+    names = {k for r in task_rows for k in r.get("scores", {}) if re.fullmatch(r"turn\d+", k)}
+    return sorted(names, key=lambda k: int(k[4:]))
+
+
+def _turns_table(task: str, task_rows: list[dict], look: dict) -> list[str]:
+    turns = turn_metrics(task_rows)
+    if not turns:
+        return []
+    cells = sorted({(r["method"], r["ratio"]) for r in task_rows}, key=lambda x: _order(("", *x)))
+    body = [[_label(m, r), family(m), *(_fmt(look.get((task, m, r, t))) for t in turns)] for m, r in cells]
+    return ["Score per turn (decay over a session shows here):", "",
+            *_table(["method", "family", *(f"turn {t[4:]}" for t in turns)], body)]  # fmt: skip
+
+
+def _turns_plot(plt, task: str, task_rows: list[dict], look: dict, path: Path) -> Path | None:
+    """Score vs. turn index, one line per method × ratio, coloured by family."""
+    turns = turn_metrics(task_rows)
+    if len(turns) < 2:
+        return None
+    cells = sorted({(r["method"], r["ratio"]) for r in task_rows}, key=lambda x: _order(("", *x)))
+    families = sorted({family(m) for m, _ in cells})
+    colours = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (method, ratio) in enumerate(cells):
+        ys = [look.get((task, method, ratio, t), {}).get("mean", float("nan")) for t in turns]
+        fam = family(method)
+        style = {"color": "black", "ls": "--"} if fam == "full" else {"color": colours[fam]}
+        ax.plot(range(1, len(turns) + 1), ys, marker=MARKERS[i % len(MARKERS)], label=f"{_label(method, ratio)} "
+                f"({fam})", alpha=0.85, **style)  # fmt: skip
+    ax.set_xlabel("turn")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(range(1, len(turns) + 1))
+    ax.set_title(f"{task}: score per turn")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def _errorbar(s: dict) -> tuple[float, float]:
@@ -298,6 +357,9 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         made.append(_save(fig, out / f"pareto_{_slug(task)}.png"))
+        turns = _turns_plot(plt, task, task_rows, look, out / f"turns_{_slug(task)}.png")
+        if turns is not None:
+            made.append(turns)
     niah = [m for m in _metrics(rows) if m["task"] == "niah" and m["meta"].get("depth") is not None]
     if niah:
         made.append(_heatmap(plt, niah, out / "niah_heatmap.png"))

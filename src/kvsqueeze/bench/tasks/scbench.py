@@ -214,7 +214,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
             questions = tuple(qs)
         out.append(
             Sample(
-                task="scbench",
+                task=f"scbench:{category}-{mode}",  # the report's tables and per-turn plots are per category × mode
                 id=f"{length}/{category}/{mode}/{i:04d}",
                 kind=mode,
                 context=context,
