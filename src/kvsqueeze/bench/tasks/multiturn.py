@@ -12,7 +12,7 @@ the row reports the mean over turns and every turn's score.
 from __future__ import annotations
 
 from kvsqueeze.bench.tasks.base import Question, Sample, rng_for
-from kvsqueeze.bench.tasks.niah import _insert, _needle
+from kvsqueeze.bench.tasks.niah import insert_sentences, needle_sentence
 from kvsqueeze.bench.text import essay_haystack, vocabulary
 
 TURNS = 3
@@ -33,8 +33,8 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
                 keys.append(key)
                 values.append(value)
         depths = [round(rng.uniform(0.05, 0.95), 3) for _ in range(TURNS)]
-        context, offsets = _insert(
-            hay, [(d, _needle(kind, k, v)) for d, k, v in zip(depths, keys, values, strict=True)]
+        context, offsets = insert_sentences(
+            hay, [(d, needle_sentence(kind, k, v)) for d, k, v in zip(depths, keys, values, strict=True)]
         )
         order = list(range(TURNS))
         rng.shuffle(order)

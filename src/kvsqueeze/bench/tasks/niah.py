@@ -44,11 +44,11 @@ N_EXTRA = 4  # needles of multikey (incl. target), values of multivalue, keys of
 ANSWER_SLACK = 4  # generated tokens beyond the gold answer's own (quotes, "and", a period)
 
 
-def _needle(kind: str, key: str, value: str) -> str:
+def needle_sentence(kind: str, key: str, value: str) -> str:
     return f"One of the special magic {kind} for {key} is: {value}."
 
 
-def _insert(text: str, items: list[tuple[float, str]]) -> tuple[str, list[int]]:
+def insert_sentences(text: str, items: list[tuple[float, str]]) -> tuple[str, list[int]]:
     """Insert sentences at fractional depths (snapped back to a sentence boundary); return text and offsets."""
     cuts = []
     for depth, sentence in items:
@@ -101,7 +101,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
         keys = [f"{rng.choice(words)}-{rng.choice(words)}" for _ in range(n_needles)]
         if variant == "multivalue":
             keys = [keys[0]] * n_needles
-        needle_tokens = len(encode(tokenizer, _needle(values_kind, keys[0], "x" * 7))) + 2
+        needle_tokens = len(encode(tokenizer, needle_sentence(values_kind, keys[0], "x" * 7))) + 2
         budget = length - n_needles * needle_tokens - 80  # room for the question and chat template
         if budget < 64:
             raise KVSqueezeError(f"context length {length} is too short for niah; use at least 512")
@@ -118,8 +118,8 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
             if value not in values and value not in hay:
                 values.append(value)
         depths = [depth] + [round(rng.uniform(0.0, 1.0), 3) for _ in range(n_needles - 1)]
-        needles = [_needle(values_kind, k, v) for k, v in zip(keys, values, strict=True)]
-        context, offsets = _insert(hay, list(zip(depths, needles, strict=True)))
+        needles = [needle_sentence(values_kind, k, v) for k, v in zip(keys, values, strict=True)]
+        context, offsets = insert_sentences(hay, list(zip(depths, needles, strict=True)))
         kind_one = values_kind[:-1]
         if variant in ("single", "multikey"):
             asked, expected = [keys[0]], (values[0],)

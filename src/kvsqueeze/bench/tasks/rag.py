@@ -18,6 +18,7 @@ to first token and the fraction of context tokens recomputed.
 from __future__ import annotations
 
 from kvsqueeze.bench.tasks.base import Question, Sample, rng_for
+from kvsqueeze.bench.tasks.niah import needle_sentence
 from kvsqueeze.bench.text import essay_haystack, vocabulary
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.prompts import encode
@@ -28,10 +29,6 @@ DEFAULT_DOCUMENTS = 6
 POOL_FACTOR = 2
 TEMPLATE_TOKENS = 80  # the chat template, the question and the answer prefix
 ANSWER_SLACK = 4
-
-
-def needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
 
 
 def plant(text: str, sentence: str, depth: float) -> str:
@@ -51,7 +48,7 @@ def pool(tokenizer, *, k: int, length: int, seed: int) -> list[tuple[str, str, s
     words = vocabulary()
     size = POOL_FACTOR * k
     first = rng.randrange(1000)
-    room = len(encode(tokenizer, needle("xxxx-xxxx", "1234567"))) + 4
+    room = len(encode(tokenizer, needle_sentence("numbers", "xxxx-xxxx", "1234567"))) + 4
     texts = [essay_haystack(tokenizer, per_doc - room, first + j).strip() for j in range(size)]
     keys: list[str] = []
     values: list[str] = []
@@ -66,7 +63,7 @@ def pool(tokenizer, *, k: int, length: int, seed: int) -> list[tuple[str, str, s
     out = []
     for text, key, value in zip(texts, keys, values, strict=True):
         depth = round(rng.uniform(0.1, 0.9), 3)
-        out.append((text, plant(text, needle(key, value), depth), key, value))
+        out.append((text, plant(text, needle_sentence("numbers", key, value), depth), key, value))
     return out
 
 
