@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import Prefill, build_cache, capture_prefill, eos_ids, forward
 from kvsqueeze.bench.tasks.base import Question, Sample
 from kvsqueeze.core.cache import CompressedCache
@@ -32,6 +33,35 @@ def attempt(run, cell: Cell) -> dict | Exception:
 def gold_ids(tokenizer, prompt_end: str, q: Question) -> torch.Tensor:
     """The gold answer's token ids as they follow the prompt, which ends with the answer prefix."""
     return torch.tensor([continuation_ids(tokenizer, prompt_end, q.gold)], dtype=torch.long)
+
+
+@dataclass
+class Session:
+    """The turns of a multi-turn or multi-request session, gathered into one result row."""
+
+    turns: list[dict]
+    outputs: list[str]
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, answer: str, q: Question, loglik: dict, out) -> None:
+        self.turns.append({"score": scoring.match(answer, q.answers, q.metric, q.choices), **loglik})
+        self.outputs.append(answer.strip())
+        self.decode_seconds += out.seconds
+        self.steps += out.steps
+
+    def row(self, sample: Sample) -> dict:
+        """Mean scores over turns, each turn's score (``turn1 …``), outputs and decode speed."""
+        n = len(self.turns)
+        scores = {k: sum(x[k] for x in self.turns) / n for k in ("score", "loglik", "loglik_per_token")}
+        scores.update({f"turn{i + 1}": x["score"] for i, x in enumerate(self.turns)})
+        return {
+            "scores": scores,
+            "output": self.outputs,
+            "expected": [list(q.answers) for q in sample.questions],
+            "decode_seconds": self.decode_seconds,
+            "decode_tokens_per_second": self.steps / self.decode_seconds if self.decode_seconds > 0 else 0.0,
+        }
 
 
 class Evaluator:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import forward, greedy
-from kvsqueeze.bench.evaluators.base import Evaluator, gold_ids
+from kvsqueeze.bench.evaluators.base import Evaluator, Session, gold_ids
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import prompt_ids, split_prompt
 
@@ -24,23 +24,12 @@ class MultiRequestEvaluator(Evaluator):
         self.context_ids = context  # the same for every request: the prompt splits where the context ends
 
     def decode(self, cache: CompressedCache) -> dict:
-        turns, outputs, decode_s, steps = [], [], 0.0, 0
+        session = Session([], [])
         for question, gold, q in self.requests:
             request = cache.fork()
             first = forward(self.model, request, question, keep=1)[-1]
             ll = scoring.gold_loglik(self.gold_logits(request, first, gold), gold[0])
             out = greedy(self.model, request, first, q.max_new_tokens, self.eos)
             answer = self.tokenizer.decode([t for t in out.tokens if t not in self.eos], skip_special_tokens=True)
-            turns.append({"score": scoring.match(answer, q.answers, q.metric, q.choices), **ll})
-            outputs.append(answer.strip())
-            decode_s += out.seconds
-            steps += out.steps
-        scores = {k: sum(x[k] for x in turns) / len(turns) for k in ("score", "loglik", "loglik_per_token")}
-        scores.update({f"turn{i + 1}": x["score"] for i, x in enumerate(turns)})
-        return {
-            "scores": scores,
-            "output": outputs,
-            "expected": [list(q.answers) for q in self.sample.questions],
-            "decode_seconds": decode_s,
-            "decode_tokens_per_second": steps / decode_s if decode_s > 0 else 0.0,
-        }
+            session.add(answer, q, ll, out)
+        return session.row(self.sample)

@@ -7,7 +7,7 @@ import torch
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import forward, greedy
-from kvsqueeze.bench.evaluators.base import Evaluator, gold_ids
+from kvsqueeze.bench.evaluators.base import Evaluator, Session, gold_ids
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import chat, ids, split_prompt
 
@@ -32,7 +32,7 @@ class MultiturnEvaluator(Evaluator):
         tok = self.tokenizer
         messages: list[dict] = []
         in_cache = self.head
-        turns, decode_s, steps, outputs = [], 0.0, 0, []
+        session = Session([], [])
         for t, q in enumerate(self.sample.questions):
             user = f"{self.sample.context}\n\n{q.text}" if t == 0 else q.text
             messages.append({"role": "user", "content": user})
@@ -48,16 +48,5 @@ class MultiturnEvaluator(Evaluator):
                 forward(self.model, cache, torch.tensor([[out.tokens[-1]]]), keep=1)
             in_cache = text + answer
             messages.append({"role": "assistant", "content": q.answer_prefix + answer})
-            turns.append({"score": scoring.match(answer, q.answers, q.metric, q.choices), **ll})
-            outputs.append(answer.strip())
-            decode_s += out.seconds
-            steps += out.steps
-        scores = {k: sum(x[k] for x in turns) / len(turns) for k in ("score", "loglik", "loglik_per_token")}
-        scores.update({f"turn{i + 1}": x["score"] for i, x in enumerate(turns)})
-        return {
-            "scores": scores,
-            "output": outputs,
-            "expected": [list(q.answers) for q in self.sample.questions],
-            "decode_seconds": decode_s,
-            "decode_tokens_per_second": steps / decode_s if decode_s > 0 else 0.0,
-        }
+            session.add(answer, q, ll, out)
+        return session.row(self.sample)
