@@ -20,7 +20,7 @@ import torch
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.reuse import ape, kvlink
+from kvsqueeze.reuse import ape, cachecraft, kvlink
 from kvsqueeze.store import Store, cache_key
 
 
@@ -184,10 +184,54 @@ class APEReuse:
             chunks.after(request.head, d)
 
 
+@dataclass
+class CacheCraftReuse:
+    """Cache-Craft: chunk variants computed in earlier prompts, reused with the recomputation their context impact
+    calls for (:mod:`kvsqueeze.reuse.cachecraft`). Its chunk store lives in the process (``Store.local``)."""
+
+    fraction: float = 0.15
+    max_deviation: float = 0.5
+    name: str = "cachecraft"
+
+    def check(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise KVSqueezeError(f"cachecraft: fraction must be in [0, 1], got {self.fraction}")
+        if self.max_deviation < 0:
+            raise KVSqueezeError(f"cachecraft: max_deviation must be >= 0, got {self.max_deviation}")
+
+    def variants(self, chunks: ChunkCaches) -> cachecraft.ChunkStore:
+        return chunks.store.local.setdefault("cachecraft", cachecraft.ChunkStore())
+
+    def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
+        head = chunks.alone(request.head)
+        cache, recomputed = cachecraft.assemble(model, head, list(request.documents), self.variants(chunks),
+                                                self.fraction, self.max_deviation)  # fmt: skip
+        return Reused(cache, recomputed)
+
+    def warm(self, request: Request, chunks: ChunkCaches) -> None:
+        """Chunks not stored yet are computed in another prompt: this request's documents in another order (the
+        bench's stand-in for the earlier request a serving system would have kept them from)."""
+        chunks.alone(request.head)
+        store = self.variants(chunks)
+        docs = list(request.documents)
+        missing = [i for i, d in enumerate(docs) if cachecraft.chunk_id(d) not in store.variants]
+        if not missing:
+            return
+        order = docs[1:] + docs[:1]
+        start = time.perf_counter()
+        _, variants = cachecraft.prefill_chunks(chunks.model, request.head, order)
+        chunks.encode_seconds += time.perf_counter() - start
+        chunks.misses += len(missing)
+        for doc, variant in zip(order, variants, strict=True):
+            if any(doc is docs[i] for i in missing):
+                store.add(cachecraft.chunk_id(doc), variant)
+
+
 STRATEGIES: dict[str, tuple[type, dict[str, type]]] = {
     "prefix": (PrefixReuse, {}),
     "kvlink": (KVLinkReuse, {"recompute": int}),
     "ape": (APEReuse, {"temperature": float, "scale": float}),
+    "cachecraft": (CacheCraftReuse, {"fraction": float, "max_deviation": float}),
 }
 
 

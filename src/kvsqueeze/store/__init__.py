@@ -64,6 +64,7 @@ class Store:
 
     def __init__(self, backend: Backend):
         self.backend = backend
+        self.local: dict = {}  # in-process state of reuse methods that manage chunk stores of their own (Cache-Craft)
 
     def save(self, cache: CompressedCache, model, token_ids: torch.Tensor | None = None) -> str:
         """Store ``cache`` (its recorded token ids, or ``token_ids``) and return its key."""
