@@ -94,15 +94,15 @@ def test_ape_from_stored_chunks_is_ape_computed_now():
 
 def test_a_rag_sweep_reuses_chunks_across_samples_and_through_a_shared_store(tmp_path):
     shared = str(tmp_path / "chunks")
+    reuse = parse_reuse_list("prefix,kvlink,kvlink:recompute=4,ape,cachecraft,kvshare")
     config = SweepConfig(tasks=parse_tasks("rag:4"), methods=[], ratios=[0.5], samples=3, lengths=[700],
-                         out=tmp_path / "a", reuse=parse_reuse_list("prefix,kvlink,kvlink:recompute=4,ape"),
-                         store=shared)  # fmt: skip
+                         out=tmp_path / "a", reuse=reuse, store=shared)  # fmt: skip
     run_sweep(config, TinyProvider(), progress=False)
     rows = read_rows(tmp_path / "a" / "results.jsonl")
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     by = {(r["sample_id"], r["method"]): r for r in rows}
     ids = sorted({r["sample_id"] for r in rows})
-    assert len(rows) == 3 * 5
+    assert len(rows) == 3 * 7
     for i in ids:
         full, link4 = by[(i, "full")], by[(i, "reuse:kvlink:recompute=4")]
         assert full["recomputed_fraction"] == 1.0 and full["scores"]["kl_gold"] == pytest.approx(0, abs=1e-6)
@@ -111,6 +111,8 @@ def test_a_rag_sweep_reuses_chunks_across_samples_and_through_a_shared_store(tmp
         )
         assert link4["recomputed_fraction"] == pytest.approx(16 / full["context_tokens"])
         assert by[(i, "reuse:kvlink")]["scores"]["kl_gold"] > 0  # documents encoded alone are another computation
+        assert 0 < by[(i, "reuse:cachecraft")]["recomputed_fraction"] < 1  # a part, never all
+        assert by[(i, "reuse:kvshare")]["decode_recomputed_tokens"] > 0  # its decode stage ran
     # the 4 documents encoded once; the head alone is the prefix strategy's first stored boundary (the same cache)
     assert by[(ids[0], "reuse:kvlink")]["chunk_misses"] == 4 and by[(ids[0], "reuse:kvlink")]["chunk_hits"] == 1
     later = [by[(i, "reuse:kvlink")] for i in ids[1:]]

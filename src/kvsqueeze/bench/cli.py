@@ -61,7 +61,8 @@ def add_commands(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 help="rag: reuse strategies compared with the full recompute, comma-separated (prefix, kvlink"
-                "[:recompute=N], ape[:temperature=T,scale=S] …; default prefix,kvlink,kvlink:recompute=16,ape)"
+                "[:recompute=N], ape[:temperature=T,scale=S], cachecraft[:fraction=F,max_deviation=D], "
+                "kvshare[:fraction=F,decode_fraction=G,probe=L]; default: all of them, kvlink also with recompute=16)"
             ),
         ] = None,
         store: Annotated[

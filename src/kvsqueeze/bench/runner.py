@@ -74,7 +74,7 @@ def parse_methods(text: str) -> list[str]:
     return specs
 
 
-DEFAULT_REUSE = ("prefix", "kvlink", "kvlink:recompute=16", "ape")
+DEFAULT_REUSE = ("prefix", "kvlink", "kvlink:recompute=16", "ape", "cachecraft", "kvshare")
 MEMORY_STORE_BYTES = 2 << 30  # the in-process chunk store's bound (least recently used out): a sweep stays bounded
 
 

@@ -20,7 +20,7 @@ import torch
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.reuse import ape, cachecraft, kvlink
+from kvsqueeze.reuse import ape, cachecraft, kvlink, kvshare
 from kvsqueeze.store import Store, cache_key
 
 
@@ -227,11 +227,68 @@ class CacheCraftReuse:
                 store.add(cachecraft.chunk_id(doc), variant)
 
 
+@dataclass
+class KVShareReuse:
+    """KVShare: the best-aligned earlier request's cache, Dual-Stage High Deviation recomputation at prefill and at
+    the first decode step (:mod:`kvsqueeze.reuse.kvshare`). Its index of requests lives in the process
+    (``Store.local``); every request it serves is added to it (after its time to first token)."""
+
+    fraction: float = 0.15
+    decode_fraction: float = 0.05
+    probe: int = 1
+    name: str = "kvshare"
+
+    def check(self) -> None:
+        for key in ("fraction", "decode_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise KVSqueezeError(f"kvshare: {key} must be in [0, 1], got {getattr(self, key)}")
+        if self.probe < 0:
+            raise KVSqueezeError(f"kvshare: probe must be a layer index >= 0, got {self.probe}")
+
+    def index(self, chunks: ChunkCaches) -> kvshare.Index:
+        return chunks.store.local.setdefault("kvshare", kvshare.Index())
+
+    def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
+        index = self.index(chunks)
+        context = request.context_ids
+        cache, positions = kvshare.assemble(model, index, context, self.fraction, self.probe)
+        self.reused = torch.ones(context.shape[-1], dtype=torch.bool)
+        self.reused[positions] = False
+        self.context = context
+        start = time.perf_counter()
+        index.add(context, truncated(model, cache, context.shape[-1]))  # later requests may reuse this one
+        chunks.pause += time.perf_counter() - start
+        return Reused(cache, int(positions.numel()))
+
+    def refresh(self, model, cache: CompressedCache, request: Request, token: int) -> torch.Tensor:
+        """The decode stage (after the tail is prefilled): returns the logits after ``token``."""
+        ids = torch.cat([self.context, request.tail], dim=-1)
+        reused = torch.cat([self.reused, torch.zeros(request.tail.shape[-1], dtype=torch.bool)])
+        self.refreshed, logits = kvshare.refresh_at_decode(model, cache, ids, token, reused, self.decode_fraction)
+        return logits
+
+    def warm(self, request: Request, chunks: ChunkCaches) -> None:
+        """With no earlier request sharing a document, one is made: this request's documents in another order (the
+        bench's stand-in for the other tenant's request a serving system would hold)."""
+        index = self.index(chunks)
+        if kvshare.hit_rate(index, request.context_ids) > request.head.shape[-1] / request.context_ids.shape[-1]:
+            return
+        docs = list(request.documents)
+        other = torch.cat([request.head, *docs[1:], *docs[:1]], dim=-1)
+        cache = CompressedCache(chunks.model, "none")
+        start = time.perf_counter()
+        cache.prefill(chunks.model, other)
+        chunks.encode_seconds += time.perf_counter() - start
+        chunks.misses += 1
+        index.add(other, cache)
+
+
 STRATEGIES: dict[str, tuple[type, dict[str, type]]] = {
     "prefix": (PrefixReuse, {}),
     "kvlink": (KVLinkReuse, {"recompute": int}),
     "ape": (APEReuse, {"temperature": float, "scale": float}),
     "cachecraft": (CacheCraftReuse, {"fraction": float, "max_deviation": float}),
+    "kvshare": (KVShareReuse, {"fraction": float, "decode_fraction": float, "probe": int}),
 }
 
 

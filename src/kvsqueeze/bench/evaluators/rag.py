@@ -81,8 +81,17 @@ class RagEvaluator(Evaluator):
         cache_bytes, full_bytes = cache.nbytes(), cache.full_nbytes()
         gold = self.gold_logits(cache, first, self.gold_ids)
         q = self.sample.questions[0]
-        out = greedy(self.model, cache, first, q.max_new_tokens, self.eos)
-        text = self.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+        refresh = getattr(strategy, "refresh", None) if cell.method != "none" else None
+        token = int(first.argmax())
+        if refresh is not None and token not in self.eos and q.max_new_tokens > 1:  # a decode-time stage (KVShare)
+            nxt = refresh(self.model, cache, self.request, token)
+            fields["decode_recomputed_tokens"] = int(strategy.refreshed.numel())
+            out = greedy(self.model, cache, nxt, q.max_new_tokens - 1, self.eos)
+            tokens = [token, *out.tokens]
+        else:
+            out = greedy(self.model, cache, first, q.max_new_tokens, self.eos)
+            tokens = out.tokens
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         scores = scoring.gold_loglik(gold, self.gold_ids[0])
         scores.update({f"{k}_gold": v for k, v in scoring.fidelity(self.reference(), gold).items()})
         scores["score"] = scoring.match(text, q.answers, q.metric, q.choices)
