@@ -53,20 +53,23 @@ def ragged_attention(
     scaling: float,
     softcap: float | None = None,
     key_mask: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of grouped queries ``q [B, H, G*M, D]`` over flat ragged ``keys/values [N, D]``
     (``lengths [B, H]`` on the CPU, (row, head, token) order) in one call: the segments are gathered into a padded
     ``[B, H, Lmax, D]`` view with a mask. ``key_mask``: bool ``[N]`` (False hides a key from every query) or
-    ``[M, N]`` (per query token)."""
+    ``[M, N]`` (per query token). ``width``: the longest segment when the caller knows it (no read of ``lengths``)."""
     B, H = lengths.shape
     flat = lengths.flatten()
-    width = int(flat.max()) if flat.numel() else 0
+    if width is None:
+        width = int(flat.max()) if flat.numel() else 0
     if width == 0:
         out = torch.zeros(*q.shape[:-1], values.shape[-1], dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:-1], float("-inf"), device=q.device)
-    starts = (torch.cumsum(flat, 0) - flat).to(keys.device)
+    flat_dev = flat.to(keys.device, non_blocking=True)  # host → device: never a synchronisation
+    starts = torch.cumsum(flat_dev, 0) - flat_dev
     slot = torch.arange(width, device=keys.device)
-    present = slot[None, :] < flat.to(keys.device)[:, None]  # [BH, W]
+    present = slot[None, :] < flat_dev[:, None]  # [BH, W]
     index = (starts[:, None] + slot[None, :]).clamp(max=keys.shape[0] - 1)
     padded_k = keys[index].view(B, H, width, -1)
     padded_v = values[index].view(B, H, width, -1)
