@@ -35,7 +35,10 @@ def context(keys, values):
     return LayerContext(0, 1, keys.new_zeros(B, H, L, D), values, queries, torch.ones(B, L, dtype=torch.bool), 0.25)
 
 
-@pytest.mark.parametrize("codec", ["dense", "think:prune=0.5,window=4", "cskv:rank_k=8,rank_v=8", "int:bits=8"])
+@pytest.mark.parametrize(
+    "codec",
+    ["dense", "think:prune=0.5,window=4", "cskv:rank_k=8,rank_v=8", "int:bits=8", "gear", "qjl", "kivi:group=4"],
+)
 def test_ragged_block_attends_like_head_by_head(codec):
     gen = torch.Generator().manual_seed(0)
     n = int(LENGTHS.sum())
@@ -62,3 +65,18 @@ def test_interleave_segments_equals_the_loop():
     for x, y in zip(a.split(a_counts), b.split(b_counts), strict=True):
         parts += [x, y]
     assert torch.equal(interleave_segments(a, a_counts, b, b_counts), torch.cat(parts))
+
+
+def test_gear_ragged_low_rank_term_equals_the_per_head_products():
+    gen = torch.Generator().manual_seed(4)
+    n = int(LENGTHS.sum())
+    keys, values = torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen)
+    codec = parse_method("gear").codec
+    block = codec.encode(keys, values, LENGTHS, context(keys, values))
+    part = block.keys
+    assert part.A is not None and len(set(part.sizes)) > 1
+    low = [a @ b for a, b in zip(part.A.float().split(part.sizes), part.B.float(), strict=True)]
+    expected = part.quant.dequant(torch.float32) + torch.cat(low)
+    if part.out_idx is not None:
+        expected = expected.scatter(1, part.out_idx.long(), part.out_val.float())
+    torch.testing.assert_close(part.dequant(torch.float32), expected, rtol=TOL, atol=TOL)

@@ -298,11 +298,16 @@ class QuantBlock(KVBlock):
         return self.keys.dequant(dtype), self.values.dequant(dtype)
 
     def attend(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over the block: keys and values dequantized (transiently, float32) in a few whole-block
-        operations, then one fused attention kernel for all heads. Fewer, larger kernels than attending from the
-        codes group by group: what a small decode step costs on a CPU (see ``attend_from_codes``)."""
+        """Attention over the block. On the CPU: keys and values dequantized (transiently, float32) in a few
+        whole-block operations, then one fused attention kernel for all heads (fewer, larger kernels than attending
+        from the codes group by group: what a small decode step costs on a CPU). On other devices: from the codes
+        (:meth:`attend_from_codes`: scales folded into the query and the probabilities, no dequantized keys or
+        values). Both equal the reference over :meth:`materialize` within float32 rounding (tested)."""
         if not self.uniform:
             return super().attend(q, scaling)
+        grouped = not isinstance(self.keys, ChannelQ) or self.keys.runs() is not None  # per-run folding applies
+        if q.device.type != "cpu" and isinstance(self.keys, (TokenQ, ChannelQ)) and grouped:
+            return self.attend_from_codes(q, scaling)
         B, H = self.lengths.shape
         L, D = self.host.width, self.dim
         keys, values = self.keys.dequant(torch.float32), self.values.dequant(torch.float32)  # the codes as stored
