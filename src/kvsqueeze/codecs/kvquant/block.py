@@ -25,6 +25,16 @@ class KVQuantBlock(KVBlock):
         self.__dict__.update(parts)
         self.lengths = self.lengths.cpu()
 
+    def __getattr__(self, name: str):
+        """Host copies missing from a block saved before they existed: read once from the device tensors."""
+        if name not in ("host_starts", "host_next", "host_span") or "lengths" not in self.__dict__:
+            raise AttributeError(name)
+        pos = self.positions()
+        self.__dict__["host_starts"] = tuple(self.pos_start.tolist()) if self.pos is None else None
+        self.__dict__["host_next"] = tuple(self.next_pos.tolist())
+        self.__dict__["host_span"] = (int(pos.min()), int(pos.max())) if pos.numel() else (0, -1)
+        return self.__dict__[name]
+
     def positions(self) -> torch.Tensor:
         if self.pos is not None:
             return self.pos.long()
