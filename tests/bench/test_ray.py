@@ -52,3 +52,12 @@ def test_ray_executor_matches_local(tmp_path):
     run_sweep(rag, TinyProvider(), progress=False, render=False)
     linked = [r for r in read_rows(rag.out / "results.jsonl") if r["method"] == "reuse:kvlink"]
     assert len(linked) == 3 and all(r["chunk_misses"] == 0 for r in linked)
+
+
+def test_ray_workers_load_the_model_on_the_sweeps_device():
+    from kvsqueeze.bench.ray_executor import default_factory, wants_gpu
+
+    assert default_factory(None, "float32", "cpu").device == "cpu"  # --device reaches the worker's provider
+    assert default_factory(None, "float32", "cuda:1").device == "cuda:1"
+    assert wants_gpu("cuda", 0) and wants_gpu("cuda:1", 4) and wants_gpu("auto", 2)
+    assert not wants_gpu("cpu", 8) and not wants_gpu("auto", 0)  # --device cpu on a GPU cluster stays on the CPU

@@ -34,10 +34,10 @@ def fixture_run(tmp_path):
         rows.append(_row("niah", f"s{i}", "snapkv", 0.75, 0.0, 250, depth))
         rows.append(_row("niah", f"s{i}", "kivi", None, 1.0, 300, depth))
     for i in range(2):
-        rows.append(_row("speed", f"p{i}", "full", None, 1.0, 1000, prefill_seconds=2.0, rss_delta_bytes=100,
-                         peak_rss_bytes=10**9))  # fmt: skip
-        rows.append(_row("speed", f"p{i}", "snapkv", 0.5, 1.0, 500, prefill_seconds=2.2, rss_delta_bytes=50,
-                         peak_rss_bytes=10**9))  # fmt: skip
+        rows.append(_row("speed", f"p{i}", "full", None, 1.0, 1000, prefill_seconds=2.0, peak_cache_bytes=1000,
+                         gpu_peak_bytes=10**9))  # fmt: skip
+        rows.append(_row("speed", f"p{i}", "snapkv", 0.5, 1.0, 500, prefill_seconds=2.2, peak_cache_bytes=1500,
+                         gpu_peak_bytes=10**9))  # fmt: skip
     rows.append({**_row("niah", "s0", "h2o", 0.5, 0.0, 1), "status": "error", "error": "RuntimeError: boom"})
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -60,10 +60,14 @@ def test_report_tables_and_plots(fixture_run):
     assert float(summary[("niah", "kivi", "", "cache_fraction")]["mean"]) == pytest.approx(0.3)
     assert float(summary[("speed", "snapkv", "0.5", "prefill_vs_full")]["mean"]) == pytest.approx(1.1)
     assert float(summary[("speed", "snapkv", "0.5", "bytes_vs_full")]["mean"]) == pytest.approx(0.5)
+    assert float(summary[("speed", "snapkv", "0.5", "peak_vs_full")]["mean"]) == pytest.approx(1.5)
+    assert float(summary[("speed", "snapkv", "0.5", "gpu_peak_vs_full")]["mean"]) == pytest.approx(1.0)
     md = (fixture_run / "summary.md").read_text()
     assert "| snapkv | 0.667 [0.208, 0.939] | 0.000 [0.000, 0.561] |  |" in md
     assert "| kivi |  |  | 1.000 [0.439, 1.000] |" in md
     assert "| niah | h2o | 0.5 | 1 | RuntimeError: boom |" in md and "speed vs. the full cache" in md
+    assert "| method | ratio | prefill time | decode tok/s | bytes held | peak cache bytes | GPU peak memory |" in md
+    assert "RSS" not in md
 
 
 @pytest.fixture

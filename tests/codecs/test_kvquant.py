@@ -236,3 +236,16 @@ def test_kvquant4_keeps_full_cache_greedy_answer_on_a_needle(smollm2, tmp_path):
     assert "4172" in full.text
     assert quant.text.rstrip(".") == full.text.rstrip(".")
     assert quant.cache_bytes < full.cache_bytes / 4
+
+
+def test_block_without_host_copies_reads_them_once_from_its_tensors():
+    # blocks saved before the host copies existed: the copies are rebuilt from the device tensors on first use
+    keys, values = _data(n=40, seed=6)
+    codec = KVQuantCodec(bits=2, prerope=False)
+    block = _block(codec, keys, values, start=5)
+    expected = (block.host_starts, block.host_next, block.host_span)
+    for name in ("host_starts", "host_next", "host_span"):
+        del block.__dict__[name]
+    assert (block.host_starts, block.host_next, block.host_span) == expected == ((5,), (45,), (5, 44))
+    grown = codec.append(block, keys[:3], values[:3], torch.tensor([[3]]))
+    assert grown.host_next == (48,) and grown.host_span == (5, 47) and grown.pos is None

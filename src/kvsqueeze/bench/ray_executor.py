@@ -3,9 +3,9 @@
 Ray is optional (``pip install ray``; not a kvsqueeze dependency). The driver builds the samples, keeps the
 resume bookkeeping and appends every row to ``results.jsonl`` itself, so rows stay atomic and ``--resume`` works
 exactly as with the local executor. The unit of work is one sample with its pending cells (they share one
-prefill). Workers: one per GPU of the cluster (each actor asks for a GPU and loads the model there), else
-``KVSQUEEZE_RAY_WORKERS`` (default 1) CPU actors. ``ray.init()`` connects to ``RAY_ADDRESS`` when set, else
-starts a local Ray.
+prefill). Workers load the model on the sweep's ``--device``: for ``cuda``/``cuda:N`` (or ``auto`` on a cluster
+with GPUs) one per GPU of the cluster (each actor asks for a GPU), else ``KVSQUEEZE_RAY_WORKERS`` (default 1) CPU
+actors. ``ray.init()`` connects to ``RAY_ADDRESS`` when set, else starts a local Ray.
 """
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ from collections.abc import Callable
 from kvsqueeze.errors import KVSqueezeError
 
 
-def _default_factory(model: str | None, dtype: str):
-    import torch
-
+def default_factory(model: str | None, dtype: str, device: str = "auto"):
+    """The provider a worker loads the model with, on the sweep's ``--device`` (``auto``: CUDA when the worker
+    has one)."""
     from kvsqueeze.bench.runner import ModelProvider
 
-    return ModelProvider(model, dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    return ModelProvider(model, dtype, device=device)
+
+
+def wants_gpu(device: str, cluster_gpus: int) -> bool:
+    """Whether a worker on ``device`` asks Ray for a GPU (``cuda``/``cuda:N``, or ``auto`` on a cluster with GPUs)."""
+    return device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
 
 
 class RayExecutor:
@@ -52,11 +57,15 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        workers = self.num_workers or gpus or int(os.environ.get("KVSQUEEZE_RAY_WORKERS", "1"))
-        factory = self.provider_factory or (lambda: _default_factory(config.model, config.dtype))
+        device = getattr(config, "device", "auto") or "auto"
+        gpu = wants_gpu(device, gpus)
+        if gpu and device != "auto" and not gpus:
+            raise KVSqueezeError(f"--device {device} with --executor ray: the Ray cluster has no GPU; use --device cpu")
+        workers = self.num_workers or (gpus if gpu else 0) or int(os.environ.get("KVSQUEEZE_RAY_WORKERS", "1"))
+        factory = self.provider_factory or (lambda: default_factory(config.model, config.dtype, device))
         env = environment()
 
-        @ray.remote(num_gpus=1 if gpus else 0)
+        @ray.remote(num_gpus=1 if gpu else 0)
         class Worker:
             def __init__(self):
                 self.provider = factory()

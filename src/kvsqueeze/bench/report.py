@@ -36,7 +36,8 @@ SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (hi
 _EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds",
           "tokens_kept_mean", "decode_vs_full", "ttft_seconds", "recomputed_fraction")  # fmt: skip
 _RAG = ("score", "kl_gold", "ttft_seconds", "ttft_vs_full", "recomputed_fraction")
-_SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "rss_vs_full", "peak_rss_bytes", "rss_delta_bytes")
+_SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "peak_vs_full", "gpu_peak_vs_full")
+_SPEED_LABELS = ("prefill time", "decode tok/s", "bytes held", "peak cache bytes", "GPU peak memory")
 FIELDS = ["task", "method", "ratio", "metric", "n", "mean", "ci_low", "ci_high", "interval"]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -74,11 +75,13 @@ def _metrics(rows: list[dict]) -> list[dict]:
             m["ttft_vs_full"] = r["ttft_seconds"] / ref["ttft_seconds"]
         if r["task"] == "speed" and ref is not None:
             for name, key in (("prefill_vs_full", "prefill_seconds"), ("decode_vs_full", "decode_tokens_per_second"),
-                              ("bytes_vs_full", "cache_bytes"), ("rss_vs_full", "rss_delta_bytes")):  # fmt: skip
-                if isinstance(ref.get(key), (int, float)) and ref[key] and isinstance(r.get(key), (int, float)):
+                              ("bytes_vs_full", "cache_bytes"), ("peak_vs_full", "peak_cache_bytes"),
+                              ("gpu_peak_vs_full", "gpu_peak_bytes")):  # fmt: skip
+                if _number(ref.get(key)) and ref[key] and _number(r.get(key)):
                     m[name] = r[key] / ref[key]
-            for key in ("peak_rss_bytes", "rss_delta_bytes"):
-                m[key] = r.get(key)
+            for key in ("peak_cache_bytes", "gpu_peak_bytes"):
+                if _number(r.get(key)):
+                    m[key] = r[key]
         out.append({"task": r["task"], "method": r["method"], "ratio": r["ratio"], "meta": r.get("meta", {}), **m})
     return out
 
@@ -199,14 +202,16 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
                       "and ratio), fraction of context tokens computed for the request:", ""]  # fmt: skip
             body = [[m, *(_fmt(look.get((task, m, None, k))) for k in _RAG)] for m in methods]
             lines += _table(["method", "score", "KL", "TTFT s", "TTFT / full", "recomputed"], body)
-    speed = [s for s in summary if s["task"] == "speed" and s["metric"] in _SPEED[:4]]
+    speed = [s for s in summary if s["task"] == "speed" and s["metric"] in _SPEED]
     if speed:
         lines += ["## speed vs. the full cache (ratios; < 1 = less time / fewer bytes)", ""]
+        shown = [k for k in _SPEED if any(s["metric"] == k for s in speed)]  # GPU peak: CUDA runs only
         body = []
         for method, ratio in sorted({(s["method"], s["ratio"]) for s in speed}, key=lambda x: _order(("", *x))):
-            cells = [look.get(("speed", method, ratio, k)) for k in _SPEED[:4]]
+            cells = [look.get(("speed", method, ratio, k)) for k in shown]
             body.append([method, "" if ratio is None else f"{ratio:g}", *(_fmt(c) for c in cells)])
-        lines += _table(["method", "ratio", "prefill time", "decode tok/s", "bytes held", "RSS growth"], body)
+        labels = [_SPEED_LABELS[_SPEED.index(k)] for k in shown]
+        lines += _table(["method", "ratio", *labels], body)
     if errors:
         lines += [f"## failed cells ({len(errors)})", ""]
         grouped: dict[tuple, int] = defaultdict(int)
@@ -426,7 +431,7 @@ def _speed_plot(plt, rows: list[dict], summary: list[dict], path: Path) -> Path 
     speed = [s for s in summary if s["task"] == "speed"]
     if speed:
         metrics = [("prefill_vs_full", "prefill time"), ("decode_vs_full", "decode tok/s"),
-                   ("bytes_vs_full", "bytes held"), ("rss_vs_full", "RSS growth")]  # fmt: skip
+                   ("bytes_vs_full", "bytes held"), ("peak_vs_full", "peak cache bytes")]  # fmt: skip
         title = "speed task: each number ÷ the full cache's (same samples)"
     else:
         speed = summary

@@ -41,8 +41,8 @@ from pydantic import Field
 
 from kvsqueeze.calibration.store import read_file
 from kvsqueeze.codecs.base import Codec
-from kvsqueeze.core.attention_math import partial_attention
-from kvsqueeze.core.storage import KVBlock
+from kvsqueeze.core.attention_math import partial_attention, ragged_attention
+from kvsqueeze.core.storage import KVBlock, interleave_segments
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -89,21 +89,16 @@ class CSKVBlock(KVBlock):
     def attend(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.uk is None:
             return super().attend(q, scaling)
-        B, H, M, _ = q.shape
+        B, H = q.shape[:2]
         uk, uv = self.uk.to(q.dtype), self.uv.to(q.dtype)
         q_low = torch.matmul(q, uk)  # [B, H, M, rk]: q projected onto the key basis
         ck, cv = self.ck.to(q.dtype), self.cv.to(q.dtype)
-        if self.uniform:
-            L = int(self.lengths[0, 0])
+        host = self.host
+        if host.uniform:
+            L = host.width
             out, lse = partial_attention(q_low, ck.view(B, H, L, -1), cv.view(B, H, L, -1), scaling)
-        else:
-            out = torch.zeros(B, H, M, cv.shape[-1], dtype=q.dtype, device=q.device)
-            lse = torch.full((B, H, M), float("-inf"), device=q.device)
-            sizes = self.lengths.flatten().tolist()
-            for i, (k_h, v_h) in enumerate(zip(ck.split(sizes), cv.split(sizes), strict=True)):
-                if k_h.shape[0]:
-                    b, h = divmod(i, H)
-                    out[b, h], lse[b, h] = partial_attention(q_low[b, h], k_h, v_h, scaling)
+        else:  # ragged heads: one padded, masked call
+            out, lse = ragged_attention(q_low, ck, cv, self.lengths, scaling, width=host.width)
         return torch.matmul(out, uv.transpose(-1, -2)), lse  # value coordinates back to the head dim
 
 
@@ -182,15 +177,6 @@ class CSKV(Codec):
         nk, nv = newer.ck, newer.cv
         if newer.uk is None:
             nk, nv = _project(nk, block.uk, newer.lengths), _project(nv, block.uv, newer.lengths)
-        ck, cv = [], []
-        parts = zip(
-            block.ck.split(block.lengths.flatten().tolist()),
-            block.cv.split(block.lengths.flatten().tolist()),
-            nk.split(newer.lengths.flatten().tolist()),
-            nv.split(newer.lengths.flatten().tolist()),
-            strict=True,
-        )
-        for ok, ov, k, v in parts:
-            ck += [ok, k]
-            cv += [ov, v]
-        return CSKVBlock(torch.cat(ck), torch.cat(cv), block.uk, block.uv, block.lengths + newer.lengths)
+        a, b = block.host.counts, newer.host.counts
+        ck, cv = interleave_segments(block.ck, a, nk, b), interleave_segments(block.cv, a, nv, b)
+        return CSKVBlock(ck, cv, block.uk, block.uv, block.lengths + newer.lengths)

@@ -83,9 +83,18 @@ class GearTensor:
                 L = self.sizes[0]
                 low = torch.bmm(self.A.to(dtype).view(len(self.sizes), L, -1), self.B.to(dtype))
                 x = x + low.view_as(x)
-            else:
-                low = [a @ b for a, b in zip(self.A.to(dtype).split(self.sizes), self.B.to(dtype), strict=True)]
-                x = x + torch.cat(low)
+            else:  # ragged heads: one padded batched product, the real slots gathered back (no loop over heads)
+                sizes = torch.tensor(self.sizes, dtype=torch.long)
+                width = max(self.sizes)
+                slots = torch.arange(width)
+                take = (slots[None, :] < sizes[:, None]).flatten()  # [BH·W] slots holding a token, in flat order
+                token = (torch.cumsum(sizes, 0) - sizes)[:, None] + slots[None, :]
+                index = token.flatten()[take].to(x.device, non_blocking=True)
+                where = take.nonzero().flatten().to(x.device, non_blocking=True)  # host tensor: no device read
+                padded = x.new_zeros(len(self.sizes) * width, self.A.shape[-1])
+                padded[where] = self.A.to(dtype)[index]
+                low = torch.bmm(padded.view(len(self.sizes), width, -1), self.B.to(dtype)).flatten(0, 1)[where]
+                x = x + low
         if self.out_idx is not None:
             x = x.scatter(1, self.out_idx.long(), self.out_val.to(dtype))
         return x

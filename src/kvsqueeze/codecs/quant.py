@@ -21,7 +21,7 @@ from pydantic import AfterValidator
 from kvsqueeze.codecs.packing import pack, unpack_float
 from kvsqueeze.core.attention_math import fused_partial_attention
 from kvsqueeze.core.layer import CompressedLayer
-from kvsqueeze.core.storage import KVBlock
+from kvsqueeze.core.storage import KVBlock, interleave_segments
 from kvsqueeze.errors import KVSqueezeError
 
 FP16_MAX = 65504.0
@@ -48,22 +48,26 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def interleave(a: torch.Tensor, a_counts: list[int], b: torch.Tensor, b_counts: list[int]) -> torch.Tensor:
-    """Concatenate per-(row, head) segments: ``a``'s segment i, then ``b``'s segment i, for every i."""
-    parts: list[torch.Tensor] = []
-    for x, y in zip(a.split(a_counts), b.split(b_counts), strict=True):
-        parts += [x, y]
-    return torch.cat(parts)
+    """Concatenate per-(row, head) segments: ``a``'s segment i, then ``b``'s segment i, for every i (one gather)."""
+    return interleave_segments(a, a_counts, b, b_counts)
 
 
 def token_groups(lengths: torch.Tensor, group: int) -> tuple[torch.Tensor, list[int]]:
-    """Sizes of consecutive token groups of every (row, head) segment, and the number of groups per segment."""
-    sizes: list[int] = []
-    counts: list[int] = []
-    for n in lengths.flatten().tolist():
-        full, rest = divmod(int(n), group)
-        sizes += [group] * full + ([rest] if rest else [])
-        counts.append(full + (1 if rest else 0))
-    return torch.tensor(sizes, dtype=torch.int16), counts
+    """Sizes of consecutive token groups of every (row, head) segment, and the number of groups per segment (host
+    arithmetic on the CPU lengths, no loop over segments)."""
+    flat = lengths.flatten().long().cpu()
+    full, rest = flat // group, flat % group
+    counts = full + (rest > 0).long()
+    seg = torch.repeat_interleave(torch.arange(flat.numel()), counts)
+    first = torch.cumsum(counts, 0) - counts
+    j = torch.arange(seg.numel()) - first[seg]
+    sizes = torch.where(j < full[seg], torch.full_like(j, group), rest[seg])
+    return sizes.to(torch.int16), counts.tolist()
+
+
+def group_pattern(sizes: torch.Tensor) -> tuple[int, ...]:
+    """``sizes`` (int16, on the CPU) as Python ints."""
+    return tuple(sizes.tolist())
 
 
 def check_bits(bits: int, allowed: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)) -> None:
@@ -151,17 +155,31 @@ class ChannelQ:
         self.codes, self.scale, self.zero, self.sizes, self.counts = codes, scale, zero, sizes, counts
         self.bits, self.dim = bits, dim
 
+    def pattern(self) -> tuple[int, ...]:
+        """Group sizes as Python ints, read once per storage (cached next to the tensor they describe)."""
+        cached = self.__dict__.get("pattern_of")
+        if cached is None or cached[0] is not self.sizes:
+            cached = self.__dict__["pattern_of"] = (self.sizes, group_pattern(self.sizes))
+        return cached[1]
+
+    def full_groups(self, group: int | None = None) -> int:
+        """The common group size when every group has it (0 otherwise)."""
+        pattern = self.pattern()
+        g = pattern[0] if pattern else 1
+        return g if all(x == g for x in pattern) and (group is None or g == group) else 0
+
     @classmethod
     def encode(cls, x: torch.Tensor, lengths: torch.Tensor, bits: int, group: int) -> ChannelQ:
         N, D = x.shape
         sizes, counts = token_groups(lengths, group)
         xf = x.float()
-        flat = lengths.flatten()
-        if bool((sizes == group).all()):
+        flat = lengths.flatten().long().cpu()
+        host = tuple(flat.tolist())
+        if all(n % group == 0 for n in host):
             xs = xf.view(-1, group, D)
             lo, hi = xs.amin(1), xs.amax(1)
-        elif N and bool((flat == flat[0]).all()):  # equal heads: whole groups then one short group, per head
-            full, rest = divmod(int(flat[0]), group)
+        elif N and len(set(host)) == 1:  # equal heads: whole groups then one short group, per head
+            full, rest = divmod(host[0], group)
             xs = xf.view(flat.numel(), -1, D)
             runs = [xs[:, : full * group].reshape(xs.shape[0], full, group, D)] if full else []
             runs += [xs[:, None, full * group :]] if rest else []
@@ -174,16 +192,19 @@ class ChannelQ:
             lo = lo.scatter_reduce(0, gidx[:, None].expand(N, D), xf, "amin")
             hi = hi.scatter_reduce(0, gidx[:, None].expand(N, D), xf, "amax")
         scale, zero = affine_params(lo, hi, bits)
-        s_tok, z_tok = cls._expand(scale, zero, sizes, group)
-        codes = quantize_codes(xf, s_tok, z_tok, bits)
-        return cls(pack(codes, bits), scale, zero, sizes, counts, bits, D)
+        out = cls(None, scale, zero, sizes, counts, bits, D)
+        s_tok, z_tok = out.expand(scale, zero, group)
+        out.codes = pack(quantize_codes(xf, s_tok, z_tok, bits), bits)
+        return out
 
-    @staticmethod
-    def _expand(scale, zero, sizes, group):
-        if bool((sizes == group).all()):
-            return scale.repeat_interleave(group, 0), zero.repeat_interleave(group, 0)
-        rep = sizes.long().to(scale.device)
-        n = int(rep.sum())
+    def expand(self, scale, zero, group: int | None = None):
+        """Per-group ``scale``/``zero`` repeated for every token of its group."""
+        g = self.full_groups(group)
+        if g:
+            return scale.repeat_interleave(g, 0), zero.repeat_interleave(g, 0)
+        pattern = self.pattern()
+        rep = torch.tensor(pattern, dtype=torch.long).to(scale.device, non_blocking=True)
+        n = sum(pattern)
         return scale.repeat_interleave(rep, 0, output_size=n), zero.repeat_interleave(rep, 0, output_size=n)
 
     @property
@@ -192,9 +213,9 @@ class ChannelQ:
 
     def dequant(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         c = unpack_float(self.codes, self.bits, self.dim, dtype)
-        g = int(self.sizes[0]) if len(self.sizes) else 1
+        g = self.full_groups()
         scale, zero = self.scale.to(dtype), self.zero.to(dtype)
-        if bool((self.sizes == g).all()):  # uniform groups: broadcast, no gather
+        if g:  # uniform groups: broadcast, no gather
             view = c.view(-1, g, self.dim)
             return torch.addcmul(zero[:, None], view, scale[:, None]).view(-1, self.dim)
         runs = self.runs()
@@ -208,7 +229,7 @@ class ChannelQ:
                 torch.addcmul(z3[:, g0 : g0 + n, None], part, s3[:, g0 : g0 + n, None], out=part)
                 tok += n * size
             return c
-        s, z = self._expand(scale, zero, self.sizes, -1)
+        s, z = self.expand(scale, zero)
         return torch.addcmul(z, c, s)
 
     def runs(self) -> list[tuple[int, int, int]] | None:
@@ -216,8 +237,9 @@ class ChannelQ:
         n = self.counts[0]
         if any(c != n for c in self.counts):
             return None
-        pattern = self.sizes[:n].tolist()
-        if self.sizes.tolist() != pattern * len(self.counts):
+        sizes = self.pattern()
+        pattern = list(sizes[:n])
+        if list(sizes) != pattern * len(self.counts):
             return None
         runs, start = [], 0
         for i in range(1, n + 1):
@@ -276,13 +298,18 @@ class QuantBlock(KVBlock):
         return self.keys.dequant(dtype), self.values.dequant(dtype)
 
     def attend(self, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over the block: keys and values dequantized (transiently, float32) in a few whole-block
-        operations, then one fused attention kernel for all heads. Fewer, larger kernels than attending from the
-        codes group by group: what a small decode step costs on a CPU (see ``attend_from_codes``)."""
+        """Attention over the block. On the CPU: keys and values dequantized (transiently, float32) in a few
+        whole-block operations, then one fused attention kernel for all heads (fewer, larger kernels than attending
+        from the codes group by group: what a small decode step costs on a CPU). On other devices: from the codes
+        (:meth:`attend_from_codes`: scales folded into the query and the probabilities, no dequantized keys or
+        values). Both equal the reference over :meth:`materialize` within float32 rounding (tested)."""
         if not self.uniform:
             return super().attend(q, scaling)
+        grouped = not isinstance(self.keys, ChannelQ) or self.keys.runs() is not None  # per-run folding applies
+        if q.device.type != "cpu" and isinstance(self.keys, (TokenQ, ChannelQ)) and grouped:
+            return self.attend_from_codes(q, scaling)
         B, H = self.lengths.shape
-        L, D = int(self.lengths[0, 0]), self.dim
+        L, D = self.host.width, self.dim
         keys, values = self.keys.dequant(torch.float32), self.values.dequant(torch.float32)  # the codes as stored
         out, lse = fused_partial_attention(q.float(), keys.view(B, H, L, D), values.view(B, H, L, D), scaling)
         return out.to(q.dtype), lse
@@ -291,7 +318,7 @@ class QuantBlock(KVBlock):
         """Attention read straight from the packed codes (scales folded into the products), uniform heads: never
         holds dequantized keys/values, at the price of many small kernels per call."""
         B, H = self.lengths.shape
-        L, M, D = int(self.lengths[0, 0]), q.shape[2], q.shape[3]
+        L, M, D = self.host.width, q.shape[2], q.shape[3]
         qf = q.float().reshape(B * H, M, D)
         logits = self.keys.scores(qf, B * H, L) * scaling
         lse = torch.logsumexp(logits, dim=-1)
@@ -300,7 +327,7 @@ class QuantBlock(KVBlock):
         return out.view(B, H, M, -1).to(q.dtype), lse.view(B, H, M)
 
     def merge(self, newer: QuantBlock) -> QuantBlock:
-        a, b = self.lengths.flatten().tolist(), newer.lengths.flatten().tolist()
+        a, b = list(self.host.counts), list(newer.host.counts)
         if type(self.keys) is not type(newer.keys) or type(self.values) is not type(newer.values):
             raise TypeError("cannot merge blocks of different layouts")
         return QuantBlock(

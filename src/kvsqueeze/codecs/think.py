@@ -22,8 +22,8 @@ import torch
 from pydantic import Field
 
 from kvsqueeze.codecs.base import Codec
-from kvsqueeze.core.attention_math import partial_attention
-from kvsqueeze.core.storage import KVBlock
+from kvsqueeze.core.attention_math import partial_attention, ragged_attention
+from kvsqueeze.core.storage import KVBlock, interleave_segments
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -63,17 +63,11 @@ class ThinKBlock(KVBlock):
         B, H, M, _ = q.shape
         q_kept = q.gather(-1, self.channels[:, :, None, :].expand(B, H, M, -1).to(q.device))
         keys, values = self.keys.to(q.dtype), self.values.to(q.dtype)
-        if self.uniform:
-            L = int(self.lengths[0, 0])
+        host = self.host
+        if host.uniform:
+            L = host.width
             return partial_attention(q_kept, keys.view(B, H, L, -1), values.view(B, H, L, -1), scaling)
-        out = torch.zeros(B, H, M, values.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.full((B, H, M), float("-inf"), device=q.device)
-        sizes = self.lengths.flatten().tolist()
-        for i, (k_h, v_h) in enumerate(zip(keys.split(sizes), values.split(sizes), strict=True)):
-            if k_h.shape[0]:
-                b, h = divmod(i, H)
-                out[b, h], lse[b, h] = partial_attention(q_kept[b, h], k_h, v_h, scaling)
-        return out, lse
+        return ragged_attention(q_kept, keys, values, self.lengths, scaling, width=host.width)  # one call, all heads
 
 
 def _gather_channels(keys: torch.Tensor, lengths: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -112,13 +106,7 @@ class ThinK(Codec):
         new_keys = newer.keys
         if newer.keys.shape[-1] != block.keys.shape[-1]:
             new_keys = _gather_channels(newer.keys, newer.lengths, block.channels)
-        B, H = block.lengths.shape
-        keys, values = [], []
-        old_k = block.keys.split(block.lengths.flatten().tolist())
-        old_v = block.values.split(block.lengths.flatten().tolist())
-        new_k = new_keys.split(newer.lengths.flatten().tolist())
-        new_v = newer.values.split(newer.lengths.flatten().tolist())
-        for i in range(B * H):
-            keys += [old_k[i], new_k[i]]
-            values += [old_v[i], new_v[i]]
-        return ThinKBlock(torch.cat(keys), block.channels, torch.cat(values), block.lengths + newer.lengths)
+        a, b = block.host.counts, newer.host.counts
+        keys = interleave_segments(block.keys, a, new_keys, b)
+        values = interleave_segments(block.values, a, newer.values, b)
+        return ThinKBlock(keys, block.channels, values, block.lengths + newer.lengths)

@@ -53,23 +53,27 @@ def ragged_attention(
     scaling: float,
     softcap: float | None = None,
     key_mask: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of grouped queries ``q [B, H, G*M, D]`` over flat ragged ``keys/values [N, D]``
     (``lengths [B, H]`` on the CPU, (row, head, token) order) in one call: the segments are gathered into a padded
     ``[B, H, Lmax, D]`` view with a mask. ``key_mask``: bool ``[N]`` (False hides a key from every query) or
-    ``[M, N]`` (per query token)."""
+    ``[M, N]`` (per query token). ``width``: the longest segment when the caller knows it (no read of ``lengths``)."""
     B, H = lengths.shape
     flat = lengths.flatten()
-    width = int(flat.max()) if flat.numel() else 0
+    if width is None:
+        width = int(flat.max()) if flat.numel() else 0
     if width == 0:
         out = torch.zeros(*q.shape[:-1], values.shape[-1], dtype=q.dtype, device=q.device)
         return out, torch.full(q.shape[:-1], float("-inf"), device=q.device)
-    starts = (torch.cumsum(flat, 0) - flat).to(keys.device)
+    flat_dev = flat.to(keys.device, non_blocking=True)  # host → device: never a synchronisation
+    starts = torch.cumsum(flat_dev, 0) - flat_dev
     slot = torch.arange(width, device=keys.device)
-    present = slot[None, :] < flat.to(keys.device)[:, None]  # [BH, W]
+    present = slot[None, :] < flat_dev[:, None]  # [BH, W]
     index = (starts[:, None] + slot[None, :]).clamp(max=keys.shape[0] - 1)
-    padded_k = keys[index].view(B, H, width, -1)
-    padded_v = values[index].view(B, H, width, -1)
+    flat_index = index.flatten()
+    padded_k = keys.index_select(0, flat_index).view(B, H, width, -1)  # index_select: a fast contiguous gather
+    padded_v = values.index_select(0, flat_index).view(B, H, width, -1)
     mask = present.view(B, H, 1, width)
     if key_mask is not None:
         if key_mask.dim() == 1:
@@ -79,7 +83,28 @@ def ragged_attention(
             per_query = key_mask[:, index].view(M, B, H, width).permute(1, 2, 0, 3)  # [B, H, M, W]
             G = q.shape[2] // M
             mask = mask & per_query[:, :, None].expand(B, H, G, M, width).reshape(B, H, G * M, width)
+    if softcap is None and fused_applies(q, padded_k, padded_v):
+        return fused_masked_attention(q, padded_k, padded_v, scaling, mask)
     return partial_attention(q, padded_k, padded_v, scaling, mask=mask, softcap=softcap)
+
+
+def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether PyTorch's fused CPU attention kernel (which returns the log-sum-exp) can take these tensors."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    same = q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]  # ThinK prunes key channels
+    return op is not None and q.device.type == "cpu" and same and q.dtype in FUSED_DTYPES and q.dim() == 4
+
+
+def fused_masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partial_attention` with a boolean ``mask`` (broadcastable to ``[B, H, M, L]``) through the fused CPU
+    kernel: the mask becomes additive; a query that sees no key gets output 0 and log-sum-exp -inf."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = op(q, k, v, 0.0, False, attn_mask=additive, scale=scaling)[:2]
+    blind = ~mask.any(-1)  # [B, H, M|1]
+    return out, lse.float().masked_fill(blind, float("-inf"))
 
 
 def sink_partial(sinks: torch.Tensor, like: torch.Tensor, groups: int, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ KVLink's and APE's re-positioning)."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from kvsqueeze.errors import KVSqueezeError
@@ -28,6 +30,7 @@ def rope_params(model, who: str = "kvquant", fix: str = "prerope=false") -> tupl
 
 
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_KEYS: dict[int, tuple] = {}  # inv_freq tensor → its table key (read once)
 
 
 def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,10 +39,19 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.
     return ang.cos().double(), ang.sin().double()
 
 
+def tensor_key(t: torch.Tensor, memo: dict[int, tuple]) -> bytes:
+    """The bytes of a host tensor (a dictionary key), read once per tensor object while it lives."""
+    held = memo.get(id(t))
+    if held is None or held[0]() is not t:
+        held = memo[id(t)] = (weakref.ref(t, lambda _, i=id(t): memo.pop(i, None)), t.double().cpu().numpy().tobytes())
+    return held[1]
+
+
 def cos_sin_table(inv_freq: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos/sin of positions ``0 … n-1`` (at least), shared by every layer and block with this RoPE: one
     table per model like transformers' rotary embedding, grown by doubling, not part of any cache's bytes."""
-    key = (inv_freq.double().cpu().numpy().tobytes(), str(device))
+    freq_key = tensor_key(inv_freq, _KEYS)
+    key = (freq_key, str(device))
     table = _TABLES.get(key)
     if table is None or table[0].shape[0] < n:
         size = max(1024, 1 << max(n - 1, 1).bit_length())
@@ -57,10 +69,19 @@ def unrope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sca
     return out.to(x.dtype if x.dtype.is_floating_point else torch.float32)
 
 
-def rerope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
-    """Inverse of :func:`unrope`: RoPE applied to pre-RoPE ``x [N, D]`` (computed in ``x``'s dtype)."""
-    if x.dtype == torch.float32 and positions.numel() and int(positions.min()) >= 0:
-        cos_t, sin_t = cos_sin_table(inv_freq, int(positions.max()) + 1, x.device)
+def rerope(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scaling: float = 1.0,
+    span: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Inverse of :func:`unrope`: RoPE applied to pre-RoPE ``x [N, D]`` (computed in ``x``'s dtype). ``span``: the
+    (smallest, largest) position when the caller knows it (no read of ``positions``)."""
+    if span is None and positions.numel():
+        span = (int(positions.min()), int(positions.max()))
+    if x.dtype == torch.float32 and positions.numel() and span[0] >= 0:
+        cos_t, sin_t = cos_sin_table(inv_freq, span[1] + 1, x.device)
         idx = positions.long().to(x.device)
         cos, sin = cos_t.index_select(0, idx), sin_t.index_select(0, idx)
         if scaling != 1.0:

@@ -13,7 +13,8 @@ Everything a cache stores goes through :func:`owned` first, so no view of a larg
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import PretrainedConfig
@@ -78,6 +79,37 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+class HostShape(NamedTuple):
+    """What a block's ``lengths`` say, as Python ints (computed once per block: no tensor read per decode step)."""
+
+    counts: tuple[int, ...]  # tokens per (row, head), flat
+    width: int  # the longest segment
+    total: int
+    uniform: bool
+
+
+def host_shape(lengths: torch.Tensor) -> HostShape:
+    counts = tuple(lengths.flatten().tolist())
+    return HostShape(counts, max(counts, default=0), sum(counts), len(set(counts)) <= 1)
+
+
+def interleave_index(a_counts: Sequence[int], b_counts: Sequence[int]) -> torch.Tensor:
+    """Index into ``cat([a, b])`` that puts ``a``'s segment i then ``b``'s segment i, for every i (host, int64)."""
+    a = torch.tensor(a_counts, dtype=torch.long)
+    b = torch.tensor(b_counts, dtype=torch.long)
+    n_a = int(a.sum())
+    sizes = torch.stack([a, b], 1).flatten()  # segments in output order
+    starts = torch.stack([torch.cumsum(a, 0) - a, n_a + torch.cumsum(b, 0) - b], 1).flatten()
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(sizes, 0) - sizes), sizes)
+    return torch.arange(int(sizes.sum())) + offsets
+
+
+def interleave_segments(a: torch.Tensor, a_counts: Sequence[int], b: torch.Tensor, b_counts: Sequence[int]):
+    """``a``'s segment i then ``b``'s segment i, for every i, in one gather (no loop over segments)."""
+    index = interleave_index(a_counts, b_counts).to(a.device, non_blocking=True)
+    return torch.cat([a, b]).index_select(0, index)
+
+
 class KVBlock:
     """Kept tokens of one layer in some storage format; subclasses define ``materialize`` (and may override
     ``attend`` with a faster path that reads their own format).
@@ -90,12 +122,21 @@ class KVBlock:
     positions: torch.Tensor | None = None
 
     @property
+    def host(self) -> HostShape:
+        """``lengths`` as Python ints, computed once per block (cached next to the tensor it describes)."""
+        cached = self.__dict__.get("host_of")
+        if cached is None or cached[0] is not self.lengths:
+            cached = (self.lengths, tuple(host_shape(self.lengths)))
+            self.__dict__["host_of"] = cached
+        return HostShape(*cached[1])
+
+    @property
     def uniform(self) -> bool:
-        return bool((self.lengths == self.lengths.flatten()[0]).all())
+        return self.host.uniform
 
     @property
     def tokens(self) -> int:
-        return int(self.lengths.sum())
+        return self.host.total
 
     def nbytes(self) -> int:
         """Bytes of the distinct storages this block holds."""
@@ -113,10 +154,11 @@ class KVBlock:
         """Partial attention of grouped queries ``q [B, H, M, D]`` (M = groups × query tokens): ``(out, lse)``."""
         keys, values = self.materialize(q.dtype)
         B, H = self.lengths.shape
-        if self.uniform:
-            L = int(self.lengths[0, 0])
+        host = self.host
+        if host.uniform:
+            L = host.width
             return fused_partial_attention(q, keys.view(B, H, L, -1), values.view(B, H, L, -1), scaling)
-        return ragged_attention(q, keys, values, self.lengths, scaling)
+        return ragged_attention(q, keys, values, self.lengths, scaling, width=host.width)
 
     def attend_masked(
         self, q: torch.Tensor, scaling: float, softcap: float | None = None, key_mask: torch.Tensor | None = None
@@ -124,7 +166,9 @@ class KVBlock:
         """:meth:`attend` with logit soft-capping and/or a flat ``[N]`` key mask (False = invisible): the generic
         path through :meth:`materialize`, correct for every block type."""
         keys, values = self.materialize(q.dtype)
-        return ragged_attention(q, keys, values, self.lengths, scaling, softcap=softcap, key_mask=key_mask)
+        return ragged_attention(
+            q, keys, values, self.lengths, scaling, softcap=softcap, key_mask=key_mask, width=self.host.width
+        )
 
     def select_rows(self, rows: torch.Tensor) -> KVBlock:
         """The block restricted to batch ``rows`` (beam search); blocks whose codec has no row layout refuse."""

@@ -1,10 +1,9 @@
 """Speed: the live path — prefill with compression inside the forward pass, then exactly ``max_new_tokens`` greedy
-steps — timed, with the bytes the cache holds at the end and at its peak during the prefill."""
+steps — timed, with the bytes the cache's tensors hold at the end and at their peak (storage bytes, every device),
+and on CUDA the device's peak allocated memory over the cell (reset per cell)."""
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import torch
@@ -16,32 +15,23 @@ from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import prompt_ids
 
 
-class RssPeak:
-    """Peak resident set size of this process while the block runs (Linux /proc; 0 elsewhere)."""
+class DevicePeak:
+    """Peak memory allocated on a CUDA device while the block runs (reset on entry; ``None`` on other devices)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
 
     def __enter__(self):
-        self.base = self.peak = self.rss()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.poll, daemon=True)
-        self.thread.start()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
-    def poll(self):
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, self.rss())
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
     def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.rss())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
 
 
 class SpeedEvaluator(Evaluator):
@@ -55,7 +45,7 @@ class SpeedEvaluator(Evaluator):
     def evaluate(self, cell: Cell) -> dict:
         q = self.sample.questions[0]
         ids = torch.cat([self.context_ids, self.question_ids], dim=-1)
-        with RssPeak() as rss:
+        with DevicePeak(self.model.device) as device_peak:
             cache = CompressedCache(self.model, cell.method, ratio=cell.ratio, tokenizer=self.tokenizer)
             start = time.perf_counter()
             with torch.no_grad():
@@ -75,10 +65,10 @@ class SpeedEvaluator(Evaluator):
             "new_tokens": len(out.tokens),
             "cache_bytes": stats["cache_bytes"],
             "full_bytes": stats["full_cache_bytes"],
-            "peak_cache_bytes": stats["peak_cache_bytes"],
+            "peak_cache_bytes": max(stats["peak_cache_bytes"], stats["cache_bytes"]),
             "tokens_compressed": int(ids.shape[-1]),
             "tokens_kept_mean": stats["tokens_kept_mean"],
             "prompt_tokens": int(ids.shape[-1]),
-            "peak_rss_bytes": rss.peak,
-            "rss_delta_bytes": rss.peak - rss.base,
+            "device": str(self.model.device),
+            "gpu_peak_bytes": device_peak.peak,  # CUDA: torch.cuda.max_memory_allocated over the cell (model included)
         }

@@ -3,9 +3,11 @@
 Per sample (an essay haystack of ``length`` tokens with one number needle) and per method × ratio, measured in
 the same run as the full cache: prefill seconds (the forward pass over the prompt, compression included),
 compression overhead (``cache.compression_seconds``), decode tokens/second over exactly ``DECODE_TOKENS``
-greedy tokens (no early stop), bytes held after decoding, and the peak resident memory (RSS) of the process
-during the cell, sampled every 2 ms, minus the RSS before it. Rows also carry each number divided by the full
-cache's on the same sample (``*_vs_full``). Default lengths: 1024, 2048 and 4096 tokens.
+greedy tokens (no early stop), the bytes the cache's tensors hold after decoding and at their peak (storage bytes,
+``cache.nbytes()`` / ``cache.peak_bytes``, on every device), and on CUDA ``torch.cuda.max_memory_allocated`` over the
+cell (reset per cell; model weights included). The report divides each number by the full cache's on the same
+sample (``*_vs_full``). (The process RSS is not reported: its growth is allocator noise at these sizes.)
+Default lengths: 1024, 2048 and 4096 tokens.
 """
 
 from __future__ import annotations

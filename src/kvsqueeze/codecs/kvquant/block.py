@@ -6,7 +6,7 @@ import torch
 
 from kvsqueeze.codecs.kvquant.nuq import centroid_values
 from kvsqueeze.core.rope import cos_sin_table, rerope, rotate_half_pairs
-from kvsqueeze.core.storage import KVBlock
+from kvsqueeze.core.storage import KVBlock, interleave_segments
 
 
 class KVQuantBlock(KVBlock):
@@ -16,35 +16,45 @@ class KVQuantBlock(KVBlock):
     ``kscale/koff`` (dequantization), fp16 ``[BH, D]``. Values: ``vcodes``, ``vscale/voff [N]`` fp16. Outliers:
     ``k_idx/v_idx`` int32 flat positions in ``[N·D]``, ``k_val/v_val`` fp16. Positions: ``pos_start [BH]`` int32
     (consecutive per head) or ``pos [N]`` int32. ``next_pos [B]``: position of the next token to be appended.
+    Host copies (Python ints, set when the block is built so that reading and appending never read a device
+    tensor): ``host_starts`` (the per-head starts, or None), ``host_next`` (``next_pos``), ``host_span`` (smallest and
+    largest position).
     """
 
     def __init__(self, **parts):
         self.__dict__.update(parts)
         self.lengths = self.lengths.cpu()
 
+    def __getattr__(self, name: str):
+        """Host copies missing from a block saved before they existed: read once from the device tensors."""
+        if name not in ("host_starts", "host_next", "host_span") or "lengths" not in self.__dict__:
+            raise AttributeError(name)
+        pos = self.positions()
+        self.__dict__["host_starts"] = tuple(self.pos_start.tolist()) if self.pos is None else None
+        self.__dict__["host_next"] = tuple(self.next_pos.tolist())
+        self.__dict__["host_span"] = (int(pos.min()), int(pos.max())) if pos.numel() else (0, -1)
+        return self.__dict__[name]
+
     def positions(self) -> torch.Tensor:
         if self.pos is not None:
             return self.pos.long()
-        counts = self.lengths.flatten().to(self.pos_start.device)
-        n = int(counts.sum())
+        counts = self.lengths.flatten().to(self.pos_start.device, non_blocking=True)
+        n = self.host.total
         starts = torch.repeat_interleave(self.pos_start.long(), counts, output_size=n)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=n)
         return starts + torch.arange(n, device=counts.device) - first
 
     def _shared_run(self) -> tuple[int, int] | None:
         """(start, length) when every head holds the same consecutive positions (no eviction): broadcastable."""
-        if self.pos is not None or not self.uniform:
+        if self.pos is not None or not self.uniform or len(set(self.host_starts)) != 1:
             return None
-        starts = self.pos_start
-        if not bool((starts == starts[0]).all()):
-            return None
-        return int(starts[0]), int(self.lengths[0, 0])
+        return self.host_starts[0], self.host.width
 
     def dequant_pre(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-RoPE keys and values ``[N, D]`` (outliers restored)."""
         D = self.dim
-        counts = self.lengths.flatten().to(self.kcodes.device)
-        n = int(counts.sum())
+        counts = self.lengths.flatten().to(self.kcodes.device, non_blocking=True)
+        n = self.host.total
         kc = centroid_values(self.kcodes, self.bits, D, self.kcent, dtype)
         if self.uniform and n:
             BH = counts.numel()
@@ -72,7 +82,7 @@ class KVQuantBlock(KVBlock):
                 cos, sin = cos * self.rope_scaling, sin * self.rope_scaling
             keys = rotate_half_pairs(keys.view(-1, L, self.dim), cos, sin).view(-1, self.dim)
         elif self.inv_freq is not None:
-            keys = rerope(keys, self.positions(), self.inv_freq, self.rope_scaling)
+            keys = rerope(keys, self.positions(), self.inv_freq, self.rope_scaling, span=self.host_span)
         return keys.to(dtype), values.to(dtype)
 
     @property
@@ -84,13 +94,10 @@ def remap_outliers(idx: torch.Tensor, dim: int, counts: list[int], shift: list[i
     """Flat positions of a block's elements after segment ``i`` moves by ``shift[i]`` tokens."""
     if not idx.numel():
         return idx
-    ends = torch.tensor(counts, device=idx.device).cumsum(0)
+    ends = torch.tensor(counts).cumsum(0).to(idx.device, non_blocking=True)
     seg = torch.bucketize(idx.long() // dim, ends, right=True)
-    return (idx.long() + torch.tensor(shift, device=idx.device)[seg] * dim).to(torch.int32)
+    return (idx.long() + torch.tensor(shift).to(idx.device, non_blocking=True)[seg] * dim).to(torch.int32)
 
 
 def interleave_rows(a: torch.Tensor, a_counts: list[int], b: torch.Tensor, b_counts: list[int]) -> torch.Tensor:
-    parts: list[torch.Tensor] = []
-    for x, y in zip(a.split(a_counts), b.split(b_counts), strict=True):
-        parts += [x, y]
-    return torch.cat(parts)
+    return interleave_segments(a, a_counts, b, b_counts)

@@ -22,7 +22,10 @@ arXiv 2401.18079.
   deviation equal those of the originals (folded into the stored fp16 scale and offset: no extra bytes).
 - Decoding: each new token's key is quantized with its head's per-channel normalization (the paper's fixed
   per-channel key thresholds: elements outside the range become outliers); its value per token, as the paper does
-  online. ``residual=0, group=1`` (the paper keeps no full-precision window).
+  online. So that a decode step never reads a data-dependent count back from the device, every new key token keeps
+  a fixed ``max(1, round(outliers × D))`` exact elements, its largest in normalized magnitude (in-range ones stored
+  exactly cost bytes, not accuracy; further out-of-range elements of that token are clamped to the datatype).
+  ``residual=0, group=1`` (the paper keeps no full-precision window).
 
 Deviations: the per-channel key ranges and outlier thresholds are taken from the context being compressed (the
 paper calibrates them offline); the calibration text is the offline essays (``n_tokens`` tokens), not Wikitext-2;
@@ -44,10 +47,10 @@ from pydantic import Field, field_validator
 from kvsqueeze.calibration.store import read_file
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.kvquant.block import KVQuantBlock, interleave_rows, remap_outliers
-from kvsqueeze.codecs.kvquant.nuq import nearest, nuq_encode
+from kvsqueeze.codecs.kvquant.nuq import centroid_lut, nearest, nuq_encode
 from kvsqueeze.codecs.packing import pack
-from kvsqueeze.core.rope import unrope
-from kvsqueeze.core.storage import DenseBlock, KVBlock
+from kvsqueeze.core.rope import cos_sin_table, unrope
+from kvsqueeze.core.storage import DenseBlock, KVBlock, host_shape
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import register
 
@@ -150,6 +153,11 @@ class KVQuantCodec(Codec):
         contiguous = all(bool((s[1:] - s[:-1] == 1).all()) for s in pos.split(counts) if s.numel() > 1)
         starts = torch.stack([s[0] if s.numel() else s.new_zeros(()) for s in pos.split(counts)])
         empty_i, empty_h = torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.float16)
+        span = (int(pos.min()), int(pos.max())) if pos.numel() else (0, -1)  # host copies: read once, at prefill
+        if inv_freq is not None:
+            cos_sin_table(inv_freq, span[1] + 1, keys.device)  # the RoPE table exists before the first decode step
+        for cent in (kcent, vcent):  # so do the centroid tables a read uses
+            centroid_lut(cent, self.bits, torch.float32, keys.device)
         return KVQuantBlock(
             lengths=lengths, bits=self.bits, inv_freq=inv_freq, rope_scaling=scaling,
             kcodes=pack(torch.cat(kcodes) if kcodes else torch.zeros(0, D, dtype=torch.uint8), self.bits),
@@ -160,6 +168,8 @@ class KVQuantCodec(Codec):
             pos_start=starts.to(torch.int32) if contiguous else None,
             pos=None if contiguous else pos.to(torch.int32),
             next_pos=next_pos.to(torch.int32), kcent=kcent, vcent=vcent,
+            host_starts=tuple(starts.tolist()) if contiguous else None, host_next=tuple(next_pos.tolist()),
+            host_span=span,
         )  # fmt: skip
 
     def extend(self, block, newer):
@@ -168,37 +178,47 @@ class KVQuantCodec(Codec):
         return None
 
     def append(self, block: KVQuantBlock, keys, values, lengths) -> KVQuantBlock:
-        """Quantize newly decoded tokens (flat ``[N, D]``, ``lengths [B, H]``) into ``block``."""
+        """Quantize newly decoded tokens (flat ``[N, D]``, ``lengths [B, H]``) into ``block``: positions, segment
+        layout and outlier counts are known on the host, so nothing is read back from the device."""
         B, H = lengths.shape
         D = block.dim
-        new_counts, old_counts = lengths.flatten().tolist(), block.lengths.flatten().tolist()
+        new_counts, old_counts = list(host_shape(lengths).counts), list(block.host.counts)
         dev = keys.device
-        pos = torch.cat(
-            [block.next_pos.long()[b] + torch.arange(n, device=dev) for b in range(B) for n in new_counts[b * H :][:H]]
-        )
-        rep = torch.tensor(new_counts, device=dev)
+        N = sum(new_counts)
+        rows = torch.arange(B).repeat_interleave(H)
+        seg_first = torch.tensor(block.host_next, dtype=torch.long)[rows]  # [B·H] position of each head's first token
+        counts_t = torch.tensor(new_counts, dtype=torch.long)
+        offsets = torch.arange(N) - torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t)
+        pos_host = torch.repeat_interleave(seg_first, counts_t) + offsets
+        pos = pos_host.to(dev, non_blocking=True)
+        rep = counts_t.to(dev, non_blocking=True)
         pre = unrope(keys.float(), pos, block.inv_freq, block.rope_scaling) if block.inv_freq is not None else keys
-        mid = torch.repeat_interleave(block.kmid.float(), rep, dim=0, output_size=len(pos))
-        half = torch.repeat_interleave(block.khalf.float(), rep, dim=0, output_size=len(pos))
+        mid = torch.repeat_interleave(block.kmid.float(), rep, dim=0, output_size=N)
+        half = torch.repeat_interleave(block.khalf.float(), rep, dim=0, output_size=N)
         norm = (pre.float() - mid) / half
-        kout = norm.abs() > 1.0  # beyond the head's per-channel thresholds: stored exactly
         kcodes = nearest(norm, block.kcent)
+        # beyond the head's per-channel thresholds: stored exactly, a fixed number per token (the largest |norm|)
+        nk_t, nk_c = top_elements(norm.abs(), max(1, round(self.outliers * D)))
         vcodes, vout, _, _, vscale, voff = nuq_encode(values.float(), block.vcent, self.outliers, self.qnorm)
+        nv_t, nv_c = row_outliers(vout, min(round(self.outliers * D), D - 1))
         old_shift = [sum(new_counts[:i]) for i in range(len(old_counts))]
         new_shift = [sum(old_counts[: i + 1]) for i in range(len(new_counts))]
-        nk_t, nk_c = kout.nonzero(as_tuple=True)
-        nv_t, nv_c = vout.nonzero(as_tuple=True)
         new_kidx = remap_outliers((nk_t * D + nk_c).to(torch.int32), D, new_counts, new_shift)
         new_vidx = remap_outliers((nv_t * D + nv_c).to(torch.int32), D, new_counts, new_shift)
         k_idx = torch.cat([remap_outliers(block.k_idx, D, old_counts, old_shift), new_kidx])
         v_idx = torch.cat([remap_outliers(block.v_idx, D, old_counts, old_shift), new_vidx])
         k_val = torch.cat([block.k_val, pre[nk_t, nk_c].half()])
         v_val = torch.cat([block.v_val, values[nv_t, nv_c].half()])
-        next_start = [a + b for a, b in zip(block.pos_start.tolist(), old_counts, strict=True)] if block.pos is None \
-            else None  # fmt: skip
-        contiguous = next_start is not None and all(
-            n == 0 or int(s[0]) == e for s, n, e in zip(pos.split(new_counts), new_counts, next_start, strict=True)
+        firsts = seg_first.tolist()
+        contiguous = block.host_starts is not None and all(
+            n == 0 or f == s + o for f, s, o, n in zip(firsts, block.host_starts, old_counts, new_counts, strict=True)
         )
+        per_row = [new_counts[b * H] for b in range(B)]  # decode flushes: the same count on every head of a row
+        host_next = tuple(n + c for n, c in zip(block.host_next, per_row, strict=True))
+        span = block.host_span
+        if N:
+            last = max(f + n - 1 for f, n in zip(firsts, new_counts, strict=True))
+            span = (min(span[0], min(firsts)), max(span[1], last))
         return KVQuantBlock(
             lengths=block.lengths + lengths, bits=block.bits, inv_freq=block.inv_freq, rope_scaling=block.rope_scaling,
             kcodes=interleave_rows(block.kcodes, old_counts, pack(kcodes, block.bits), new_counts),
@@ -211,9 +231,29 @@ class KVQuantCodec(Codec):
             pos_start=block.pos_start if contiguous else None,
             pos=None if contiguous else interleave_rows(block.positions().to(torch.int32), old_counts,
                                                          pos.to(torch.int32), new_counts),
-            next_pos=block.next_pos + torch.tensor(new_counts, device=dev).view(B, H)[:, 0].to(torch.int32),
+            next_pos=block.next_pos + torch.tensor(per_row, dtype=torch.int32).to(dev, non_blocking=True),
             kcent=block.kcent, vcent=block.vcent,
+            host_starts=block.host_starts if contiguous else None, host_next=host_next, host_span=span,
         )  # fmt: skip
+
+
+def top_elements(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the ``k`` largest elements of every row of ``score [N, D]``, in row-major order (a fixed
+    count: no read of a data-dependent size)."""
+    N, D = score.shape
+    k = min(k, D)
+    cols = score.topk(k, dim=1).indices.sort(dim=1).values
+    return torch.arange(N, device=score.device).repeat_interleave(k), cols.flatten()
+
+
+def row_outliers(mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask.nonzero(as_tuple=True)`` of a mask with exactly ``k`` True per row, without a device read."""
+    N, D = mask.shape
+    if k <= 0:
+        empty = torch.zeros(0, dtype=torch.long, device=mask.device)
+        return empty, empty
+    cols = torch.where(mask, torch.arange(D, device=mask.device), D).sort(dim=1).values[:, :k]
+    return torch.arange(N, device=mask.device).repeat_interleave(k), cols.flatten()
 
 
 def formula_bits(bits: int, dim: int, tokens_per_head: int, fraction: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.codecs.packing import unpack
+from kvsqueeze.core.rope import tensor_key
 
 
 # ---- the non-uniform datatype with dense-and-sparse outliers -------------------------------------------------
@@ -28,12 +29,14 @@ def dense_range(x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 _LUTS: dict[tuple, torch.Tensor] = {}
+_KEYS: dict[int, tuple] = {}  # centroid tensor → its bytes (read once)
 
 
 def centroid_lut(centroids: torch.Tensor, bits: int, dtype, device) -> torch.Tensor:
     """Centroid values of every packed byte (2/4 bits: ``[256, 8 // bits]``) or, for 3 bits, of every (2-bit-plane
     byte, 1-bit-plane nibble) pair: ``[4096, 4]`` — four codes per lookup."""
-    key = (centroids.cpu().numpy().tobytes(), bits, dtype, str(device))
+    raw = tensor_key(centroids, _KEYS)
+    key = (raw, bits, dtype, str(device))
     if key not in _LUTS:
         c = centroids.to(dtype)
         if bits == 3:
