@@ -91,6 +91,13 @@ def validate_budget(ratio: object, budget: object, method: object) -> tuple[floa
                 f"{spec} sets its own budget ({own} tokens); the {given} would never be applied: give one of them"
             )
         return ratio_value, budget_value
+    if getattr(parsed.codec, "retrieves", False):  # a retrieval codec: the ratio/budget set what stays hot
+        if schedule.name != "prefill":
+            raise KVSqueezeError(
+                f"{parsed.codec.name} retrieves over the prefilled context; use the prefill schedule (drop "
+                f"{schedule.name})"
+            )
+        return ratio_value, budget_value
     if not parsed.evicts and (ratio_value or budget_value is not None):
         given = f"budget {budget_value}" if budget_value is not None else f"ratio {ratio_value:g}"
         what = "the full cache" if spec == "none" else f"{spec} stores every token (a codec without a scorer)"
