@@ -158,7 +158,7 @@ def check_directory(directory: str | None) -> str | None:
         return None
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise KVSqueezeError(f"cold directory {directory!r} does not exist; create it or name another (dir=PATH)")
+        raise KVSqueezeError(f"cold directory {directory!r} is not a directory; create it or name another (dir=PATH)")
     if not os.access(path, os.W_OK | os.X_OK):
         raise KVSqueezeError(f"cold directory {directory!r} is not writable; name a writable one (dir=PATH)")
     return str(path)

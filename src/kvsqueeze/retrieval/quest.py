@@ -9,7 +9,7 @@ Paper: "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", T
   ``relu(q)·max + min(q, 0)·min``, float32), the top pages are selected, fetched from cold and attended together
   with the recent window (the cache's full-precision tail, ``residual`` tokens) by log-sum-exp.
 - Hot budget: ``ratio``/``budget`` give each head's hot tokens; the page summaries (two vectors per page: one
-  token's worth) and the window are charged first, the rest is fetched per step in whole pages
+  token's worth, plus an int32 count) and the window are charged first, the rest is fetched per step in whole pages
   (``fetch=`` overrides; with a scorer the kept tokens are all fetched unless ``fetch`` is given).
 
 Deviations: grouped-query attention selects pages per KV head by the largest bound over the head's query heads
@@ -87,7 +87,10 @@ class QuestCodec(RetrievalCodec):
         kmin = kp.masked_fill(~present, float("inf")).amin(3).masked_fill(empty, 0)
         kmax = kp.masked_fill(~present, float("-inf")).amax(3).masked_fill(empty, 0)
         P = counts.shape[-1]
-        fetch = self.fetch_tokens(ctx, P + self.residual, self.page, "the page summaries and the window")
+        counts = counts.to(torch.int32)
+        unit = (keys.shape[-1] + values.shape[-1]) * keys.element_size()  # bytes of one full-cache token per head
+        overhead = P * (2 * keys.shape[-1] * keys.element_size() + 4) / unit + self.residual
+        fetch = self.fetch_tokens(ctx, overhead, self.page, "the page summaries and the window")
         pages = P if fetch is None else max(min(fetch // self.page, P), 1)
         store = self.store_for(keys.device)
         store.put("k", kp)

@@ -156,6 +156,8 @@ class ShadowKVCodec(RetrievalCodec):
         n_out = min(round(self.outliers * C), C)
         sim = sim.masked_fill(counts == 0, float("inf"))
         out_index, out_ok = top_pages(-sim, n_out) if n_out else (counts.new_zeros(B, H, 0), present[..., 0, :0])
+        out_index, order = out_index.sort(-1)  # in chunk order (materialize relies on it)
+        out_ok = out_ok.gather(-1, order)
         outlier = torch.zeros(B, H, C, dtype=torch.bool, device=device)
         outlier.scatter_(-1, out_index, out_ok)
         rows = torch.arange(B, device=device)[:, None, None]
