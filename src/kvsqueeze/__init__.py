@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from kvsqueeze import codecs, policies, schedules, store
+from kvsqueeze import codecs, policies, retrieval, schedules, store
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
@@ -27,6 +27,7 @@ __all__ = [
     "pipeline",
     "policies",
     "registry",
+    "retrieval",
     "schedules",
     "store",
 ]

@@ -142,6 +142,15 @@ def parse_method(spec: str | Method) -> Method:
     chosen: dict[str, Component] = {}
     for part in spec.split("+"):
         comp = parse_component(part)
+        if (
+            comp.axis == "codec"
+            and "codec" in chosen
+            and any(getattr(c, "retrieves", False) for c in (comp, chosen["codec"]))
+        ):
+            raise KVSqueezeError(
+                f"{spec!r}: a retrieval codec keeps its cold copy at the model's dtype and does not compose with "
+                "another codec yet; use it alone (quest) or after a scorer (snapkv+quest)"
+            )
         if comp.axis in chosen:
             raise KVSqueezeError(
                 f"two {comp.axis} components in {spec!r}: {chosen[comp.axis].name!r} and {comp.name!r}; "

@@ -77,6 +77,13 @@ def validate_budget(ratio: object, budget: object, method: object) -> tuple[floa
     spec = parsed.spec().removeprefix("none+")  # "kivi", not "none+kivi"
     schedule = parsed.schedule
     fields = type(schedule).model_fields
+    if getattr(parsed.codec, "retrieves", False):  # a retrieval codec: the ratio/budget set what stays hot
+        if schedule.name != "prefill":
+            raise KVSqueezeError(
+                f"{parsed.codec.name} retrieves over the prefilled context; use the prefill schedule (drop "
+                f"{schedule.name})"
+            )
+        return ratio_value, budget_value
     if "budget" in fields:  # a decoding schedule keeps a token budget while generating
         own_ratio = getattr(schedule, "ratio", None)
         if own_ratio is not None and (budget_value is not None or ratio_value):

@@ -24,6 +24,14 @@ class Codec(Component):
     def is_dense(self) -> bool:
         return False
 
+    @property
+    def retrieves(self) -> bool:
+        """Retrieval codecs (:mod:`kvsqueeze.retrieval`): a cold copy, the ratio/budget set the hot budget."""
+        return False
+
+    def attach(self, host, model) -> None:
+        """Called once when a cache is built for ``model`` (codecs that need the model, e.g. its RoPE)."""
+
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, ctx: LayerContext | None = None
     ) -> KVBlock:

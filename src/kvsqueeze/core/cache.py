@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
-from kvsqueeze.core import binding, persist
+from kvsqueeze.core import binding, persist, tiers
 from kvsqueeze.core.architectures import attention_modules, plan_layers
 from kvsqueeze.core.compat import passed_cache, with_cache
 from kvsqueeze.core.context import AttentionCall
@@ -73,7 +73,12 @@ class LayerBinding:
         elif compressed:
             if module.training and kwargs.get("dropout", 0.0):
                 raise KVSqueezeError("attention dropout (training mode) over a compressed cache: call model.eval()")
-            out = layer.attend(query, attention_mask, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+            with tiers.metered(cache.fetch_meter):  # bytes retrieval blocks bring from their cold tier
+                out = layer.attend(
+                    query, attention_mask, scaling, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux")
+                )
+            if self.layer_idx == 0:
+                cache.fetch_meter.tokens += query.shape[2]
             result = (out, None)
         else:
             result = inner(module, query, key, value, attention_mask, **kwargs)
@@ -148,6 +153,7 @@ class CompressedCache(Cache):
         self.tokens: torch.Tensor | None = None  # [B, L] token ids held, when they went through kvsqueeze
         self.attention_observer = None  # called as fn(layer_idx, AttentionCall, keys, values) after each attention
         self.inherited: frozenset = frozenset()  # storages shared with the cache this one was forked from
+        self.inherited_stores: frozenset = frozenset()  # ids of the cold stores shared with it
         self._known_configs = {id(self.config)}
         self._bindings = [LayerBinding(self, idx) for idx in range(self.num_layers)]
         self.tokenizer = tokenizer  # whole-context scorers that build prompts (KVzip's repeat prompt) need it
@@ -155,6 +161,8 @@ class CompressedCache(Cache):
         self.replaying = False  # inside replay(): attention is observed, nothing is compressed
         self.replay_attention = None  # inside replay(): may compute an uncompressed layer's attention itself
         self._hooks: list = []  # hook handles a scorer attached to the model, removed when this cache is dropped
+        self.fetch_meter = tiers.FetchMeter()  # bytes fetched from cold tiers, tokens decoded over compressed storage
+        self.method.codec.attach(self, model)
         if self.method.evicts:
             self.method.scorer.attach(self, model)
 
@@ -264,6 +272,8 @@ class CompressedCache(Cache):
         twin._known_configs = set(self._known_configs)
         twin._bindings = [LayerBinding(twin, idx) for idx in range(self.num_layers)]
         twin.compression_seconds = 0.0
+        twin.fetch_meter = tiers.FetchMeter()
+        twin.inherited_stores = frozenset(id(s) for s in tiers.cold_stores(*self.held_objects()))
         return twin
 
     def served_model(self):
@@ -360,10 +370,27 @@ class CompressedCache(Cache):
         seen: set[int] = set()
         return storage_keys(t for obj in self.held_objects() for t in walk_tensors(obj, seen))
 
-    def nbytes(self, own_only: bool = False) -> int:
+    def nbytes(self, own_only: bool = False, tier: str | None = None) -> int:
         """Bytes of the distinct storages the cache keeps alive (keys, values, codes, scales, metadata, scorer
-        state). ``own_only``: a fork's additions, without the storage it shares with the cache it was forked from."""
-        return storage_bytes(*self.held_objects(), exclude=self.inherited if own_only else frozenset())
+        state). ``own_only``: a fork's additions, without the storage it shares with the cache it was forked from.
+
+        ``tier`` (retrieval methods, :mod:`kvsqueeze.core.tiers`): ``"hot"`` — the storages attention reads in place
+        (everything but cold stores); ``"cold"`` — cold stores in RAM plus disk-backed ones (file bytes, which the
+        default, ``None``, leaves out: it counts process memory)."""
+        if tier not in (None, "hot", "cold"):
+            raise KVSqueezeError(f"unknown tier {tier!r}; use tier='hot' or tier='cold'")
+        held = self.held_objects()
+        exclude = self.inherited if own_only else frozenset()
+        if tier is None:
+            return storage_bytes(*held, exclude=exclude)
+        cold = tiers.cold_keys(*held)
+        if tier == "hot":
+            return storage_bytes(*held, exclude=frozenset(exclude) | set(cold))
+        own_stores = tiers.cold_stores(*held)
+        if own_only:
+            own_stores = [s for s in own_stores if id(s) not in self.inherited_stores]
+        ram = sum(n for key, n in cold.items() if key not in exclude)
+        return ram + sum(m.nbytes for store in own_stores for m, _, _ in store.maps.values())
 
     def track_peak(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
@@ -400,4 +427,8 @@ class CompressedCache(Cache):
             "cache_bytes": self.nbytes(),
             "full_cache_bytes": self.full_nbytes(),
             "peak_cache_bytes": self.peak_bytes,
+            "hot_bytes": self.nbytes(tier="hot"),
+            "cold_bytes": self.nbytes(tier="cold"),
+            "fetched_bytes": self.fetch_meter.fetched_bytes,
+            "fetched_bytes_per_token": self.fetch_meter.per_token(),
         }

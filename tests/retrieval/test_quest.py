@@ -1,0 +1,184 @@
+"""Quest: the page bound is an upper bound, selection is its top-k, all pages give exact attention; the hot budget
+and the cold tier as the cache reports them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
+from kvsqueeze.core.storage import storage_bytes
+from kvsqueeze.retrieval.quest import QuestBlock
+from tests.conftest import tiny_model
+from tests.retrieval.helpers import context, ragged, reference, tolerance
+
+LENGTHS = [[37, 50], [64, 9]]  # ragged heads and rows, partial last pages
+
+
+def encode(spec: str, keys, values, lengths, keep=None) -> QuestBlock:
+    codec = parse_method(spec).codec
+    return codec.encode(keys, values, lengths, context(keys, lengths, keep))
+
+
+def pages_of(keys, lengths, page):
+    """Reference pages per (row, head): list of [n, D] tensors, from the flat layout directly."""
+    out, start = {}, 0
+    for b, row in enumerate(lengths.tolist()):
+        for h, n in enumerate(row):
+            seg = keys[start : start + n]
+            out[b, h] = [seg[i : i + page] for i in range(0, n, page)]
+            start += n
+    return out
+
+
+def test_bound_is_an_upper_bound_of_every_key_in_its_page():
+    keys, values, lengths = ragged(LENGTHS, seed=1)
+    block = encode("quest:page=8", keys, values, lengths)
+    q = torch.randn(2, 2, 3, 16, generator=torch.Generator().manual_seed(2)) * 3
+    bounds = block.bounds(q)  # [B, H, M, P]
+    checked = 0
+    for (b, h), pages in pages_of(keys, lengths, 8).items():
+        for p, seg in enumerate(pages):
+            true = q[b, h] @ seg.T  # [M, n]
+            assert (true.max(-1).values <= bounds[b, h, :, p] + 1e-5 * bounds.abs().max()).all()
+            # and it is attained by the page's per-channel extremes (it is the tightest such bound)
+            corner = torch.where(q[b, h] > 0, seg.max(0).values, seg.min(0).values)
+            torch.testing.assert_close((q[b, h] * corner).sum(-1), bounds[b, h, :, p], rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == sum((n + 7) // 8 for row in LENGTHS for n in row)
+
+
+def test_selected_pages_are_the_top_k_of_the_bound():
+    keys, values, lengths = ragged(LENGTHS, seed=3)
+    block = encode("quest:page=8,fetch=24", keys, values, lengths)
+    assert block.pages_per_step == 3
+    q = torch.randn(2, 2, 2, 16, generator=torch.Generator().manual_seed(4))
+    index, ok = block.select(q)
+    for (b, h), pages in pages_of(keys, lengths, 8).items():
+        bound = torch.stack(
+            [torch.where(q[b, h] > 0, s.max(0).values, s.min(0).values).mul(q[b, h]).sum(-1) for s in pages]
+        ).amax(-1)  # per page, the largest over the head's queries
+        expect = set(torch.topk(bound, min(3, len(pages))).indices.tolist())
+        assert set(index[b, h][ok[b, h]].tolist()) == expect, (b, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tier", ["ram", "disk"])
+def test_all_pages_give_exact_attention(dtype, tier, tmp_path):
+    keys, values, lengths = ragged(LENGTHS, dtype=dtype, seed=5)
+    spec = f"quest:page=8,tier={tier}" + (f",dir={tmp_path}" if tier == "disk" else "")
+    block = encode(spec, keys, values, lengths)
+    assert block.pages_per_step == 8  # the budget covers every page
+    q = torch.randn(2, 2, 3, 16, generator=torch.Generator().manual_seed(6)).to(dtype)
+    out, lse = block.attend(q, 0.25)
+    ref, ref_lse = reference(q, keys, values, lengths, 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=tolerance(dtype), rtol=tolerance(dtype))
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tolerance(dtype), rtol=tolerance(dtype))
+    k, v = block.materialize(dtype)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+
+
+def test_fewer_pages_differ_from_full_attention():
+    """The test above can fail: with one page per step the output is not full attention."""
+    keys, values, lengths = ragged(LENGTHS, seed=5)
+    block = encode("quest:page=8,fetch=8", keys, values, lengths)
+    q = torch.randn(2, 2, 3, 16, generator=torch.Generator().manual_seed(6))
+    out, _ = block.attend(q, 0.25)
+    ref, _ = reference(q, keys, values, lengths, 0.25)
+    assert (out.double() - ref).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def ids(n, seed=0):
+    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, cache, prompt, n=6):
+    with torch.no_grad():
+        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def test_budget_covering_everything_decodes_like_the_full_cache(model):
+    prompt = ids(150)
+    full = generate(model, CompressedCache(model, "none"), prompt)
+    cache = CompressedCache(model, "quest:page=16")
+    assert torch.equal(generate(model, cache, prompt), full)
+    assert cache.nbytes(tier="cold") > 0
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_ratio_bounds_what_is_hot(model, ratio):
+    cache = CompressedCache(model, "quest:page=8,residual=8", ratio=ratio)
+    cache.prefill(model, ids(400))
+    full = cache.full_nbytes()
+    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8  # the prefilled token ids are the cache's, not quest's
+    generate(model, cache, torch.cat([ids(400), ids(1, 9)], -1), n=1)
+    per_step = cache.stats()["fetched_bytes_per_token"]
+    assert per_step > 0
+    assert hot + per_step <= (1 - ratio) * full, (hot, per_step, full)
+    assert hot + per_step >= 0.8 * (1 - ratio) * full  # the budget is used, not wasted
+    # storage-based: RAM cold stores are part of nbytes(), and not of the hot tier
+    assert cache.nbytes() == cache.nbytes(tier="hot") + cache.nbytes(tier="cold")
+
+
+def test_disk_tier_decodes_like_ram_and_holds_no_cold_storage(model, tmp_path):
+    prompt = ids(200)
+    ram = CompressedCache(model, "quest:page=8", ratio=0.5)
+    disk = CompressedCache(model, f"quest:page=8,tier=disk,dir={tmp_path}", ratio=0.5)
+    assert torch.equal(generate(model, ram, prompt), generate(model, disk, prompt))
+    assert disk.nbytes() == disk.nbytes(tier="hot") == ram.nbytes(tier="hot")
+    assert disk.nbytes(tier="cold") == ram.nbytes(tier="cold") > 0
+    files = list(tmp_path.iterdir())
+    assert sum(f.stat().st_size for f in files) == disk.nbytes(tier="cold")
+    del disk
+    assert list(tmp_path.iterdir()) == []  # the cold files go with the cache
+
+
+def test_a_fork_leaves_the_context_as_it_was(model):
+    cache = CompressedCache(model, "quest:page=8", ratio=0.5)
+    cache.prefill(model, ids(200))
+    before = cache.nbytes(tier="hot"), cache.nbytes(tier="cold")
+    fork = cache.fork()
+    generate(model, fork, torch.cat([ids(200), ids(3, 5)], -1))
+    assert fork.nbytes(own_only=True, tier="cold") == 0  # the cold copy is shared, not copied
+    assert (cache.nbytes(tier="hot"), cache.nbytes(tier="cold")) == before
+    assert cache.fetch_meter.fetched_bytes == 0 < fork.fetch_meter.fetched_bytes
+
+
+def test_eviction_then_retrieval(model):
+    """snapkv evicts first (the ratio is its), quest moves what is kept to the cold tier and fetches ``fetch``."""
+    cache = CompressedCache(model, "snapkv:window=8+quest:page=8,fetch=32", ratio=0.5)
+    generate(model, cache, ids(200))
+    blocks = [layer.blocks[0] for layer in cache.layers]
+    assert all(isinstance(b, QuestBlock) and b.pages_per_step == 4 for b in blocks)
+    assert all(int(b.lengths.max()) <= 100 for b in blocks)
+    assert storage_bytes(blocks) > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "ratio", "needle"),
+    [
+        ("quest:page=8", 0.99, "no room"),
+        ("quest:page=0", None, "page must be"),
+        ("quest:tier=tape", None, "tier=ram or tier=disk"),
+        ("quest:tier=disk,dir=/nonexistent/kvsqueeze", None, "is not a directory"),
+        ("quest+kivi", None, "does not compose"),
+        ("h2o+quest+interval:every=4,budget=48", None, "prefill schedule"),
+    ],
+)
+def test_mistakes_are_one_line(model, spec, ratio, needle):
+    with pytest.raises(KVSqueezeError, match=needle) as err:
+        generate(model, CompressedCache(model, spec, ratio=ratio), ids(100), n=1)
+    assert "\n" not in str(err.value)
+
+
+def test_unwritable_directory_is_refused(model, tmp_path, monkeypatch):
+    import kvsqueeze.core.tiers as tiers
+
+    monkeypatch.setattr(tiers.os, "access", lambda path, mode: False)  # as a user without write permission
+    with pytest.raises(KVSqueezeError, match="not writable"):
+        generate(model, CompressedCache(model, f"quest:tier=disk,dir={tmp_path}"), ids(50), n=1)
