@@ -8,7 +8,9 @@ Outputs in the run directory:
 - ``summary.md`` — per task: method × ratio tables of the primary score (mean and interval) and of bytes, the
   speed and long-generation tables, and the failed cells;
 - ``score_vs_ratio_<task>.png``, ``pareto_<task>.png`` (score vs cache bytes per token: quantized and evicting
-  methods compared at equal bytes; each method its own marker and line style, so overlapping lines stay visible),
+  methods compared at equal bytes; hot bytes per token when a row keeps a cold tier (retrieval methods), whose
+  hot bytes and bytes fetched per decoded token also get their own tables; each method its own marker and line
+  style, so overlapping lines stay visible),
   ``niah_heatmap.png`` (score by depth × length), ``speed.png`` (work shared by every ratio of a sample, such as
   H2O's accumulated attention, is its own "one-off scoring" bar instead of being charged to the first ratio).
 
@@ -34,10 +36,11 @@ from kvsqueeze.errors import KVSqueezeError
 LOWER_IS_BETTER = {"ppl": "perplexity", "fidelity": "KL(full ‖ compressed), nats"}
 SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (higher is better)"}
 _EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds",
-          "tokens_kept_mean", "decode_vs_full", "ttft_seconds", "recomputed_fraction")  # fmt: skip
+          "tokens_kept_mean", "decode_vs_full", "ttft_seconds", "recomputed_fraction",
+          "fetched_bytes_per_token")  # fmt: skip
 _RAG = ("score", "kl_gold", "ttft_seconds", "ttft_vs_full", "recomputed_fraction")
-_SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "peak_vs_full", "gpu_peak_vs_full")
-_SPEED_LABELS = ("prefill time", "decode tok/s", "bytes held", "peak cache bytes", "GPU peak memory")
+_SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "hot_vs_full", "peak_vs_full", "gpu_peak_vs_full")
+_SPEED_LABELS = ("prefill time", "decode tok/s", "bytes held", "hot bytes", "peak cache bytes", "GPU peak memory")
 FIELDS = ["task", "method", "ratio", "metric", "n", "mean", "ci_low", "ci_high", "interval"]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -69,13 +72,19 @@ def _metrics(rows: list[dict]) -> list[dict]:
             m["compression_seconds"] = max(m["compression_seconds"] - one_off, 0.0)
         if _number(r.get("full_bytes")) and _number(r.get("cache_bytes")) and r["full_bytes"]:
             m["cache_fraction"] = r["cache_bytes"] / r["full_bytes"]
+        tokens = r.get("tokens_compressed") or r.get("context_tokens")
+        if _number(r.get("hot_bytes")) and _number(tokens) and tokens:  # retrieval: what stays in fast memory
+            m["hot_bytes_per_token"] = r["hot_bytes"] / tokens
+            if _number(r.get("full_bytes")) and r["full_bytes"]:
+                m["hot_fraction"] = r["hot_bytes"] / r["full_bytes"]
         ref = full.get((r["task"], r["sample_id"]))
         rag = r["task"] == "rag" and ref is not None and _number(r.get("ttft_seconds"))
         if rag and _number(ref.get("ttft_seconds")) and ref["ttft_seconds"]:
             m["ttft_vs_full"] = r["ttft_seconds"] / ref["ttft_seconds"]
         if r["task"] == "speed" and ref is not None:
             for name, key in (("prefill_vs_full", "prefill_seconds"), ("decode_vs_full", "decode_tokens_per_second"),
-                              ("bytes_vs_full", "cache_bytes"), ("peak_vs_full", "peak_cache_bytes"),
+                              ("bytes_vs_full", "cache_bytes"), ("hot_vs_full", "hot_bytes"),
+                              ("peak_vs_full", "peak_cache_bytes"),
                               ("gpu_peak_vs_full", "gpu_peak_bytes")):  # fmt: skip
                 if _number(ref.get(key)) and ref[key] and _number(r.get(key)):
                     m[name] = r[key] / ref[key]
@@ -109,6 +118,11 @@ def is_proportion(task: str, metric: str) -> bool:
     timings are continuous, even when they happen to be 0 or 1 (the full cache's KL, a ratio to itself)."""
     continuous_task = task in LOWER_IS_BETTER or task in SCORE_LABELS
     return not continuous_task and re.fullmatch(r"score|turn\d+", metric) is not None
+
+
+def has_cold(rows: list[dict]) -> bool:
+    """Whether any row keeps bytes in a cold tier (a retrieval method): its plots and tables then show hot bytes."""
+    return any(_number(r.get("cold_bytes")) and r["cold_bytes"] > 0 for r in rows)
 
 
 def _order(key: tuple) -> tuple:
@@ -194,6 +208,16 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
             cells = [look.get((task, m, r, "bytes_per_token")) for r in columns]
             bytes_rows.append([m, *(f"{c['mean']:.0f}" if c else "" for c in cells)])
         lines += _table(["method", *names], bytes_rows)
+        if has_cold(task_rows):
+            for title, key in (("Hot bytes per context token (mean; the cold tier apart):", "hot_bytes_per_token"),
+                               ("Bytes fetched from the cold tier per decoded token (mean):",
+                                "fetched_bytes_per_token")):  # fmt: skip
+                lines += [title, ""]
+                body = []
+                for m in methods:
+                    cells = [look.get((task, m, r, key)) for r in columns]
+                    body.append([m, *(f"{c['mean']:.0f}" if c else "" for c in cells)])
+                lines += _table(["method", *names], body)
         if task == "longgen":
             lines += _longgen_table(task_rows, look)
         lines += _turns_table(task, task_rows, look)
@@ -339,13 +363,14 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         made.append(_save(fig, out / f"score_vs_ratio_{_slug(task)}.png"))
-        # Pareto: score vs bytes per token
+        # Pareto: score vs bytes per token (hot bytes when a retrieval method keeps a cold tier)
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        x_key = "hot_bytes_per_token" if has_cold(task_rows) else "bytes_per_token"
         for method in ["full", *methods]:
             pts = sorted(
-                (look[(task, method, r, "bytes_per_token")]["mean"], s["mean"])
+                (look[(task, method, r, x_key)]["mean"], s["mean"])
                 for (t, m, r, k), s in look.items()
-                if t == task and m == method and k == "score" and (task, method, r, "bytes_per_token") in look
+                if t == task and m == method and k == "score" and (task, method, r, x_key) in look
             )  # fmt: skip
             if pts:
                 xs, ys = zip(*pts, strict=True)
@@ -356,7 +381,10 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
                     if len(xs) == 1:
                         style["ls"] = ""
                 ax.plot(xs, ys, label=method, alpha=0.9, **style)
-        ax.set_xlabel("cache bytes per context token")
+        ax.set_xlabel(
+            "hot bytes per context token (the cold tier apart)" if x_key != "bytes_per_token"
+            else "cache bytes per context token"
+        )  # fmt: skip
         ax.set_ylabel(ylabel)
         ax.set_title(f"{task}: quality vs. memory")
         ax.legend(fontsize=7)

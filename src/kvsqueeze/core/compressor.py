@@ -31,8 +31,11 @@ def attention_context(
     shared: dict,
     ratio: float | None,
     budget: int | None,
+    tokens: torch.Tensor | None = None,
+    tokenizer=None,
 ) -> LayerContext:
-    """The context of compressing everything an uncompressed ``layer`` holds right after an attention call."""
+    """The context of compressing everything an uncompressed ``layer`` holds right after an attention call;
+    ``tokens [B, L]``: the ids of the held tokens when known (kept only when they cover exactly what it holds)."""
     keys, values = layer.keys, layer.values
     B, L = keys.shape[0], keys.shape[2]
     valid = valid_tokens(attention_mask, B, L, keys.device)
@@ -53,6 +56,8 @@ def attention_context(
         state=layer.state,
         shared=shared,
         sliding_window=layer.sliding_window,
+        tokens=tokens if tokens is not None and tuple(tokens.shape) == (B, L) else None,
+        tokenizer=tokenizer,
     )
 
 

@@ -32,6 +32,8 @@ class LayerContext:
     scores: torch.Tensor | None = None  # [B, H, L] the scorer's scores, set by the cache after scoring (codecs read it)
     stored: torch.Tensor | None = None  # [B, H, L] bool: tokens handed to Codec.encode (flat order), set by the cache
     sliding_window: int | None = None  # the layer's attention window (None: full attention)
+    tokens: torch.Tensor | None = None  # [B, L] token ids of the L held tokens, when the cache knows them (CPU)
+    tokenizer: object | None = None  # the cache's tokenizer, when given (codecs that read the text: SentenceKV)
 
     @property
     def scratch(self) -> dict:

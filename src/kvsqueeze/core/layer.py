@@ -337,6 +337,9 @@ class CompressedLayer(CacheLayerMixin):
             q_cols = torch.arange(first_col, self.seen, device=grouped.device)
             key_mask = block.positions[None, :] > (q_cols - self.sliding_window)[:, None]  # [M, N]
         if softcap is None and key_mask is None:
+            stateful = getattr(block, "attend_with_state", None)  # blocks whose steps depend on earlier steps
+            if stateful is not None:  # (LouisKV's retrieved set): per-stream state, in this layer's (forked) state
+                return stateful(grouped, scaling, self.state)
             return block.attend(grouped, scaling)
         return block.attend_masked(grouped, scaling, softcap=softcap, key_mask=key_mask)
 

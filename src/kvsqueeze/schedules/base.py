@@ -126,7 +126,7 @@ def compress_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall, 
     ctx = attention_context(
         layer, call.queries, call.attention_mask, call.scaling, call.position_ids,
         num_layers=cache.num_layers, shared=cache.shared_state, ratio=cache.layer_ratio(layer.layer_idx),
-        budget=cache.budget,
+        budget=cache.budget, tokens=getattr(cache, "tokens", None), tokenizer=getattr(cache, "tokenizer", None),
     )  # fmt: skip
     compress(layer, ctx, cache.method, rekey=rekey)
 

@@ -30,6 +30,21 @@ def attempt(run, cell: Cell) -> dict | Exception:
         return exc
 
 
+def tier_fields(cache: CompressedCache) -> dict:
+    """Where the cache's bytes live (:mod:`kvsqueeze.core.tiers`): ``hot_bytes`` (what attention reads in place),
+    ``cold_bytes`` (a retrieval method's cold tier, RAM or disk). A method without a cold tier: hot = every byte,
+    cold 0. Read right after compression, before anything is decoded."""
+    return {"hot_bytes": cache.nbytes(tier="hot"), "cold_bytes": cache.nbytes(tier="cold")}
+
+
+def fetched_per_token(*caches: CompressedCache) -> float:
+    """Bytes brought from cold tiers per token decoded over compressed storage, over ``caches`` together (a session
+    of forks: each fork meters its own fetches); 0 for methods without a cold tier."""
+    fetched = sum(c.fetch_meter.fetched_bytes for c in caches)
+    tokens = sum(c.fetch_meter.tokens for c in caches)
+    return fetched / tokens if tokens else 0.0
+
+
 def gold_ids(tokenizer, prompt_end: str, q: Question) -> torch.Tensor:
     """The gold answer's token ids as they follow the prompt, which ends with the answer prefix."""
     return torch.tensor([continuation_ids(tokenizer, prompt_end, q.gold)], dtype=torch.long)
@@ -122,13 +137,17 @@ class Evaluator:
             "tokens_kept_mean": stats["tokens_kept_mean"],
             "prefill_seconds": self.prefill.seconds,
             "prompt_tokens": int(self.context_ids.shape[-1] + self.question_ids.shape[-1]),
+            **tier_fields(cache),
         }
 
     # ---- cells -------------------------------------------------------------------------------------------------
     def evaluate(self, cell: Cell) -> dict:
         """The result fields of one cell (subclasses)."""
         cache = build_cache(self.model, self.prefill, cell.method, cell.ratio, self.tokenizer)
-        return {**self.cache_fields(cache), **self.decode(cache)}
+        fields = self.cache_fields(cache)  # at rest, before decoding
+        row = {**fields, **self.decode(cache)}
+        row.setdefault("fetched_bytes_per_token", fetched_per_token(cache))  # forks' sessions set their own
+        return row
 
     def decode(self, cache: CompressedCache) -> dict:
         raise NotImplementedError

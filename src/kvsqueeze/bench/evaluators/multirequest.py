@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import forward, greedy
-from kvsqueeze.bench.evaluators.base import Evaluator, Session, gold_ids
+from kvsqueeze.bench.evaluators.base import Evaluator, Session, fetched_per_token, gold_ids
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import prompt_ids, split_prompt
 
@@ -25,11 +25,13 @@ class MultiRequestEvaluator(Evaluator):
 
     def decode(self, cache: CompressedCache) -> dict:
         session = Session([], [])
+        requests = []
         for question, gold, q in self.requests:
             request = cache.fork()
+            requests.append(request)
             first = forward(self.model, request, question, keep=1)[-1]
             ll = scoring.gold_loglik(self.gold_logits(request, first, gold), gold[0])
             out = greedy(self.model, request, first, q.max_new_tokens, self.eos)
             answer = self.tokenizer.decode([t for t in out.tokens if t not in self.eos], skip_special_tokens=True)
             session.add(answer, q, ll, out)
-        return session.row(self.sample)
+        return {**session.row(self.sample), "fetched_bytes_per_token": fetched_per_token(*requests)}

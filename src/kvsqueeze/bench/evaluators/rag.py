@@ -15,7 +15,7 @@ import torch
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import forward, greedy
-from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, gold_ids
+from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, fetched_per_token, gold_ids, tier_fields
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import chat, segmented_prompt
 from kvsqueeze.reuse.rag import ChunkCaches, Request, parse_reuse
@@ -78,7 +78,7 @@ class RagEvaluator(Evaluator):
                 "encode_seconds": chunks.encode_seconds - encode,
                 "load_seconds": chunks.load_seconds - load,
             }
-        cache_bytes, full_bytes = cache.nbytes(), cache.full_nbytes()
+        cache_bytes, full_bytes, tiers = cache.nbytes(), cache.full_nbytes(), tier_fields(cache)
         gold = self.gold_logits(cache, first, self.gold_ids)
         q = self.sample.questions[0]
         refresh = getattr(strategy, "refresh", None) if cell.method != "none" else None
@@ -106,6 +106,8 @@ class RagEvaluator(Evaluator):
             "cache_bytes": cache_bytes,
             "full_bytes": full_bytes,
             "bytes_per_token": cache_bytes / context,
+            **tiers,
+            "fetched_bytes_per_token": fetched_per_token(cache),
             "decode_seconds": out.seconds,
             "cell_seconds": time.perf_counter() - start,
             **fields,

@@ -66,6 +66,9 @@ class SpeedEvaluator(Evaluator):
             "cache_bytes": stats["cache_bytes"],
             "full_bytes": stats["full_cache_bytes"],
             "peak_cache_bytes": max(stats["peak_cache_bytes"], stats["cache_bytes"]),
+            "hot_bytes": stats["hot_bytes"],  # at the end (retrieval: summaries, window; the cold tier apart)
+            "cold_bytes": stats["cold_bytes"],
+            "fetched_bytes_per_token": stats["fetched_bytes_per_token"],
             "tokens_compressed": int(ids.shape[-1]),
             "tokens_kept_mean": stats["tokens_kept_mean"],
             "prompt_tokens": int(ids.shape[-1]),
