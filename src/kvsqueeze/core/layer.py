@@ -337,7 +337,8 @@ class CompressedLayer(CacheLayerMixin):
             q_cols = torch.arange(first_col, self.seen, device=grouped.device)
             key_mask = block.positions[None, :] > (q_cols - self.sliding_window)[:, None]  # [M, N]
         if softcap is None and key_mask is None:
-            return block.attend(grouped, scaling)
+            attend_at = getattr(block, "attend_at", None)  # blocks that score with the queries' RoPE positions
+            return block.attend(grouped, scaling) if attend_at is None else attend_at(grouped, scaling, first_col, M)
         return block.attend_masked(grouped, scaling, softcap=softcap, key_mask=key_mask)
 
     # ---- generate features --------------------------------------------------------------------------------------
