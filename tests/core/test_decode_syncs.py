@@ -83,6 +83,9 @@ METHODS = [
     ("snapkv:window=8+cskv:rank_k=8,rank_v=8,residual=4,group=4", 0.5, 0),
     ("snapkv:window=8+adakv+cskv:rank_k=8,rank_v=8,residual=4,group=4", 0.5, 0),
     ("h2o+interval:every=6,budget=160", None, 6),  # recompresses every 6 steps: those steps may synchronise
+    ("a2ats:codebook=16,residual=8", 0.5, 0),  # retrieval: approximate scores from codes, top-K from cold
+    ("actqkv:window=8,residual=8", 0.5, 0),  # retrieval: a dynamic cut-off masked, never read back
+    ("icecache:group=8,residual=8", 0.5, 0),  # retrieval: decoded tokens join the cluster index every 8 steps
 ]
 
 

@@ -340,7 +340,8 @@ class CompressedLayer(CacheLayerMixin):
             stateful = getattr(block, "attend_with_state", None)  # blocks whose steps depend on earlier steps
             if stateful is not None:  # (LouisKV's retrieved set): per-stream state, in this layer's (forked) state
                 return stateful(grouped, scaling, self.state)
-            return block.attend(grouped, scaling)
+            attend_at = getattr(block, "attend_at", None)  # blocks that score with the queries' RoPE positions
+            return block.attend(grouped, scaling) if attend_at is None else attend_at(grouped, scaling, first_col, M)
         return block.attend_masked(grouped, scaling, softcap=softcap, key_mask=key_mask)
 
     # ---- generate features --------------------------------------------------------------------------------------
