@@ -83,6 +83,7 @@ METHODS = [
     ("snapkv:window=8+cskv:rank_k=8,rank_v=8,residual=4,group=4", 0.5, 0),
     ("snapkv:window=8+adakv+cskv:rank_k=8,rank_v=8,residual=4,group=4", 0.5, 0),
     ("h2o+interval:every=6,budget=160", None, 6),  # recompresses every 6 steps: those steps may synchronise
+    ("snapkv:window=8+blockwise:block=6,budget=160", None, 6),  # EpiCache's block-wise schedule while decoding
 ]
 
 
