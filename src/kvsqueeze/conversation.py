@@ -69,13 +69,27 @@ def render(tokenizer, messages: list[dict]) -> list[list[int]]:
     return [encode(tokenizer, text) for text in pieces(tokenizer, messages)]
 
 
-def question_ids(tokenizer, history: list[dict], question: str, answer_prefix: str = "") -> list[int]:
-    """Token ids that follow ``history`` to ask ``question``: the user turn, the reply opening, ``answer_prefix``."""
+def question_text(tokenizer, history: list[dict], question: str, answer_prefix: str = "") -> str:
+    """The text that follows ``history`` to ask ``question``: the user turn, the reply opening, ``answer_prefix``."""
     messages = [*history, {"role": "user", "content": question}]
-    turn = pieces(tokenizer, messages)[-1]
+    if templated(tokenizer) and history:
+        before = tokenizer.apply_chat_template(history, tokenize=False)
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not whole.startswith(before):
+            raise KVSqueezeError(
+                "this chat template rewrites earlier turns when one is added; give the conversation as plain text"
+            )
+        turn = whole[len(before) :]
+    else:
+        turn = pieces(tokenizer, messages)[-1]
     opening = generation_prompt(tokenizer, messages)
     sep = " " if answer_prefix and not templated(tokenizer) else ""
-    return encode(tokenizer, turn + opening + sep + answer_prefix)
+    return turn + opening + sep + answer_prefix
+
+
+def question_ids(tokenizer, history: list[dict], question: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of :func:`question_text` (tokenized alone: they append to the history's ids)."""
+    return encode(tokenizer, question_text(tokenizer, history, question, answer_prefix))
 
 
 def eos_ids(model, tokenizer) -> set[int]:
