@@ -3,10 +3,12 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from kvsqueeze import codecs, policies, retrieval, schedules, store
+from kvsqueeze.conversation import Conversation
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import load_model
 from kvsqueeze.pipeline import Pipeline, pipeline
+from kvsqueeze.policies.epicache import EpiCache
 from kvsqueeze.scope import compress
 from kvsqueeze.spec import parse_method, registry
 
@@ -17,6 +19,8 @@ except PackageNotFoundError:  # a source tree on sys.path without an install
 
 __all__ = [
     "CompressedCache",
+    "Conversation",
+    "EpiCache",
     "KVSqueezeError",
     "Pipeline",
     "__version__",

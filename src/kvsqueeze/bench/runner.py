@@ -505,6 +505,7 @@ def run_job(job: Job, config: SweepConfig, model, tokenizer, env: dict, store=No
         "continuation",
         "multiturn",
         "multirequest",
+        "convqa",
     ):  # cells built from one captured prefill share scoring work
         memo = TimedMemo()
         evaluator.prefill.memo = memo

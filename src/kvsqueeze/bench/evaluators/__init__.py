@@ -1,11 +1,12 @@
 """One evaluator per sample kind (``qa``, ``continuation``, ``multiturn``, ``multirequest``, ``longgen``, ``speed``,
-``rag``), all sharing one prompt builder with the Python API (:mod:`kvsqueeze.prompts`): one exact prefill per
-sample, then one cache per (method, ratio) cell, one result row per cell."""
+``rag``, ``convqa``), all sharing one prompt builder with the Python API (:mod:`kvsqueeze.prompts`): one exact
+prefill per sample, then one cache per (method, ratio) cell, one result row per cell."""
 
 from __future__ import annotations
 
 from kvsqueeze.bench.evaluators.base import Cell, Evaluator
 from kvsqueeze.bench.evaluators.continuation import ContinuationEvaluator
+from kvsqueeze.bench.evaluators.convqa import ConvQAEvaluator
 from kvsqueeze.bench.evaluators.longgen import LonggenEvaluator, longgen
 from kvsqueeze.bench.evaluators.multirequest import MultiRequestEvaluator
 from kvsqueeze.bench.evaluators.multiturn import MultiturnEvaluator
@@ -24,6 +25,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
         SpeedEvaluator,
         RagEvaluator,
         MultiRequestEvaluator,
+        ConvQAEvaluator,
     )
 }
 

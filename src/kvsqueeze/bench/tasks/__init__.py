@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kvsqueeze.bench.tasks import (
     continuation,
+    convqa,
     infinitebench,
     jsonl,
     longbench,
@@ -41,6 +42,7 @@ GENERATORS: dict[str, Callable[..., list[Sample]]] = {
     "longgen": longgen.generate,
     "rag": rag.generate,
     "scbench": scbench.generate,
+    "convqa": convqa.generate,
 }
 # standard benchmarks read from a dataset (Hub id or local file): name -> (generator, validator)
 DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], None]]] = {
@@ -117,7 +119,7 @@ def generated_tokens(task: TaskSpec) -> int:
         return longgen.parse_tokens(task.option) + 64
     if task.name == "multiturn":
         return multiturn.TURNS * 64
-    if task.name == "scbench":
+    if task.name in ("scbench", "convqa"):
         return 0  # its generator keeps the questions and answers of a session inside the context length
     return 128
 

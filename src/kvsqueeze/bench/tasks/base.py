@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Kind = Literal["qa", "continuation", "multiturn", "speed", "longgen", "rag", "multirequest"]
+Kind = Literal["qa", "continuation", "multiturn", "speed", "longgen", "rag", "multirequest", "convqa"]
 OPENERS = "\"'“‘«([{<`"  # an answer right after one of these starts without a space
 
 

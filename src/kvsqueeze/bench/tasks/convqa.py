@@ -1,0 +1,162 @@
+"""``convqa``: long conversational QA in the spirit of LongConvQA (the setting of EpiCache, arXiv 2509.17396):
+a synthetic dialogue, generated offline and deterministically, whose user states facts across many turns; the
+questions about them come after the whole history.
+
+A sample is ``SESSIONS`` topical sessions, each drawn from one text source (an essay or one of Jane Austen's novels):
+the user opens the topic, then shares passages of it turn after turn (about ``PASSAGE_TOKENS`` tokens each), the
+assistant answers with a short acknowledgement. ``QUESTIONS`` facts about invented people (``My neighbour Tarn
+Velum has a dog called Oyster.``) are appended to passages in random sessions, each to a different turn; after the
+history each fact is asked in other words (``What is the name of the dog of Tarn Velum?``, answer prefix ``The dog
+of Tarn Velum is called``). Answers are words (SmolLM2 copies numbers digit by digit, a stress case for selection).
+
+The dialogue is kept as ``documents``: the messages' contents, alternately user and assistant (``meta["roles"]``);
+``context`` is the same dialogue as ``Role: content`` lines (what a digest and a reader see). Questions are asked
+independently of each other after the history (the ``convqa`` evaluator); each is scored by ``string_match_all``
+(rows carry ``turn1 … turnN`` in the order asked). The history fills the requested length minus room for the
+question.
+"""
+
+from __future__ import annotations
+
+import random
+
+from kvsqueeze.bench.tasks.base import Question, Sample, rng_for
+from kvsqueeze.bench.text import austen_paragraphs, essay_haystack, vocabulary
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.prompts import encode
+
+SESSIONS = 4
+QUESTIONS = 6
+PASSAGE_TOKENS = 90
+QUESTION_ROOM = 64  # tokens left after the history for the question, the reply opening and the answer
+TURN_OVERHEAD = 8  # tokens a chat template adds around a message (the measured total is checked after)
+ACKS = ("I see.", "Thank you for sharing this.", "Interesting, please go on.", "Noted, that is a fine passage.",
+        "I follow you.", "That is worth remembering.")  # fmt: skip
+# (how a fact is stated, how it is asked, what the answer continues)
+FACTS = (
+    ("My neighbour {name} has a dog called {word}.", "What is the name of the dog of {name}?",
+     "The dog of {name} is called"),
+    ("Last week {name} moved to a village called {word}.", "To which village did {name} move?",
+     "{name} moved to a village called"),
+    ("The boat that {name} keeps at the harbour is named {word}.", "What is the name of the boat of {name}?",
+     "The boat of {name} is named"),
+    ("My cousin {name} works at a bakery called {word}.", "What is the bakery where {name} works called?",
+     "The bakery where {name} works is called"),
+)  # fmt: skip
+
+
+TITLES = {"emma": "Emma", "mansfieldpark": "Mansfield Park", "northangerabbey": "Northanger Abbey",
+          "persuasion": "Persuasion", "prideprejudice": "Pride and Prejudice",
+          "sensesensibility": "Sense and Sensibility"}  # fmt: skip
+
+
+def passages(tokenizer, rng: random.Random, source: int, n: int, paragraphs) -> tuple[str, list[str]]:
+    """``(topic, n passages)`` of one source: an essay (even ``source``) or an Austen novel (odd)."""
+    if source % 2 == 0:
+        start = rng.randrange(1000)
+        text = essay_haystack(tokenizer, n * PASSAGE_TOKENS + 64, start)
+        sentences = [s.strip() for s in text.replace("\n", " ").split(". ") if s.strip()]
+        topic = "an essay I am reading about startups and ideas"
+    else:
+        novel = sorted({name for name, _ in paragraphs})[rng.randrange(6)]
+        own = [p for name, p in paragraphs if name == novel]
+        start = rng.randrange(max(1, len(own) - 4 * n))
+        sentences = [s.strip() for p in own[start:] for s in p.split(". ") if s.strip()][: 12 * n]
+        topic = f"the novel {TITLES.get(novel, novel)} by Jane Austen"
+    out, current = [], []
+    for sentence in sentences:
+        words = sentence.split()
+        while len(encode(tokenizer, sentence)) > 2 * PASSAGE_TOKENS and len(words) > 8:  # a very long sentence
+            words = words[: len(words) * 2 // 3]
+            sentence = " ".join(words)
+        current.append(sentence)
+        if len(encode(tokenizer, ". ".join(current))) >= PASSAGE_TOKENS:
+            out.append(". ".join(current).rstrip(".") + ".")
+            current = []
+        if len(out) == n:
+            break
+    return topic, out or [". ".join(sentences)]
+
+
+def draw_facts(rng: random.Random, words, answers) -> list[tuple[str, str, str, str]]:
+    """``QUESTIONS`` facts ``(statement, question, answer prefix, answer)``, every word new in the sample."""
+    used: set[str] = set()
+    facts = []
+    for k in range(QUESTIONS):
+        while True:
+            first, last, answer = rng.choice(words), rng.choice(words), rng.choice(answers)
+            if len({first, last, answer} | used) == len(used) + 3:
+                break
+        used.update((first, last, answer))
+        name, answer = f"{first.capitalize()} {last.capitalize()}", answer.capitalize()
+        state, ask, prefix = FACTS[k % len(FACTS)]
+        facts.append((state.format(name=name, word=answer), ask.format(name=name), prefix.format(name=name), answer))
+    return facts
+
+
+def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs) -> list[str]:
+    """The messages' contents (user, assistant, …): ``SESSIONS`` sessions of passages within ``budget`` tokens,
+    each fact appended to a different passage turn."""
+
+    def cost(text: str) -> int:
+        return len(encode(tokenizer, text)) + TURN_OVERHEAD
+
+    mentions = [f" By the way, {f[0][0].lower()}{f[0][1:]}" for f in facts]
+    quota = (budget - sum(cost(m) for m in mentions)) // SESSIONS
+    first_source = rng.randrange(2)
+    sessions, turns = [], []  # turns: (session, index in its messages) of each passage
+    for s in range(SESSIONS):
+        topic, texts = passages(tokenizer, rng, first_source + s, quota // (PASSAGE_TOKENS // 2) + 2, paragraphs)
+        messages = [f"Let us talk about {topic}.", "Gladly, share what you are reading."]
+        used = sum(cost(m) for m in messages)
+        for text in texts:
+            ack = ACKS[rng.randrange(len(ACKS))]
+            if used + cost(text) + cost(ack) > quota:
+                break
+            turns.append((s, len(messages)))
+            messages += [text, ack]
+            used += cost(text) + cost(ack)
+        sessions.append(messages)
+    if len(turns) < QUESTIONS:
+        raise KVSqueezeError("the context length is too short for convqa; use at least 1024")
+    for mention, (s, j) in zip(mentions, rng.sample(turns, QUESTIONS), strict=True):
+        sessions[s][j] += mention
+    return [m for messages in sessions for m in messages]
+
+
+def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | None = None) -> list[Sample]:
+    if option is not None:
+        raise KVSqueezeError(f"convqa takes no option, got {option!r}")
+    budget = length - QUESTION_ROOM
+    if budget < 8 * PASSAGE_TOKENS:
+        raise KVSqueezeError(f"context length {length} is too short for convqa; use at least 1024")
+    words = vocabulary()
+    answers = [w for w in words if len(w) >= 6]  # no short common words a model writes by chance
+    paragraphs = austen_paragraphs()
+    out = []
+    for i in range(samples):
+        rng = rng_for("convqa", length, seed, i)
+        facts = draw_facts(rng, words, answers)
+        messages = dialogue(tokenizer, rng, budget, facts, paragraphs)
+        order = list(facts)
+        rng.shuffle(order)
+        questions = tuple(Question(ask, (answer,), prefix, max_new_tokens=len(encode(tokenizer, " " + answer)) + 4)
+                          for _, ask, prefix, answer in order)  # fmt: skip
+        roles = ("User", "Assistant")
+        out.append(
+            Sample(
+                task="convqa",
+                id=f"{length}/{i:04d}",
+                kind="convqa",
+                context="\n".join(f"{roles[j % 2]}: {m}" for j, m in enumerate(messages)),
+                questions=questions,
+                documents=tuple(messages),
+                meta={"length": length, "turns": len(messages), "sessions": SESSIONS, "roles": "user-assistant"},
+            )
+        )
+    return out
+
+
+def messages_of(sample: Sample) -> list[dict]:
+    """The sample's dialogue as chat messages (alternately user and assistant)."""
+    return [{"role": ("user", "assistant")[j % 2], "content": m} for j, m in enumerate(sample.documents)]

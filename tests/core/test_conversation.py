@@ -1,0 +1,84 @@
+"""``Conversation``: one cache followed turn after turn; ``none`` replies as the whole history run at once, a
+compressing method keeps the history bounded between turns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsqueeze import Conversation, KVSqueezeError
+from kvsqueeze.conversation import pieces, question_ids, render
+from tests.bench.conftest import CharTokenizer
+from tests.conftest import tiny_model
+
+TURNS = ("hello there, how are you", "tell me about ships", "and the stars?", "what did I ask first?")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama").double()  # float64: the reply's argmax does not hinge on summation order
+
+
+def test_turn_after_turn_equals_the_whole_history_at_once(model):
+    tok = CharTokenizer()
+    conv = Conversation(model, tok, "none", max_new_tokens=6)
+    for text in TURNS:
+        before = list(conv.ids)
+        prompt = before + question_ids(tok, conv.messages, text)
+        reply = conv.say(text)
+        with torch.no_grad():  # transformers' own greedy generation over the whole history, no kvsqueeze cache
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=2,
+                                 pad_token_id=0)  # fmt: skip
+        assert reply == tok.decode(out[0, len(prompt) :].tolist())
+        assert conv.ids[: len(prompt)] == prompt
+    assert conv.cache.get_seq_length() == len(conv.ids)  # the cache holds exactly the conversation's tokens
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"] * len(TURNS)
+
+
+def test_a_compressing_method_keeps_the_history_bounded(model):
+    tok = CharTokenizer()
+    budget = 48
+    conv = Conversation(model, tok, "snapkv:window=8", budget=budget, max_new_tokens=6)
+    full = Conversation(model, tok, "none", max_new_tokens=6)
+    per_token = None
+    longest = 0
+    for k in range(10):
+        text = f"turn {k}: " + "the quick brown fox " * 2
+        longest = max(longest, len(question_ids(tok, conv.messages, text)) + 6 + 1)
+        conv.say(text)
+        full.say(text)
+        kept = [int(layer.kept_lengths().max()) for layer in conv.cache.layers]
+        assert max(kept) <= budget + longest  # never more than the budget plus one turn per head
+        per_token = full.nbytes() / len(full.ids)
+        assert conv.nbytes() <= 1.1 * per_token * (budget + longest)
+    assert len(conv.ids) > 5 * budget and full.nbytes() > 4 * conv.nbytes()
+
+
+def test_codecs_follow_a_conversation_and_a_scorer_needs_a_budget(model):
+    tok = CharTokenizer()
+    conv = Conversation(model, tok, "kivi:bits=2,residual=8,group=8", max_new_tokens=4)
+    full = Conversation(model, tok, "none", max_new_tokens=4)
+    for text in TURNS:
+        conv.say(text)
+        full.say(text)
+    assert conv.nbytes() < full.nbytes()
+    with pytest.raises(KVSqueezeError, match="budget"):
+        Conversation(model, tok, "snapkv")
+
+
+def test_render_uses_the_chat_template_when_there_is_one():
+    class Templated(CharTokenizer):
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+            return text + ("<assistant>" if add_generation_prompt else "")
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert pieces(Templated(), messages) == ["<user>hi</>", "<assistant>yo</>"]
+    assert pieces(CharTokenizer(), messages) == ["User: hi\n", "Assistant: yo\n"]
+    ids = [t for piece in render(Templated(), messages) for t in piece]
+    assert ids == Templated().encode("<user>hi</><assistant>yo</>")
+    assert question_ids(Templated(), messages, "q?") == Templated().encode("<user>q?</><assistant>")
+    with pytest.raises(KVSqueezeError, match="messages"):
+        pieces(CharTokenizer(), [{"role": "robot", "content": "x"}])
