@@ -86,6 +86,7 @@ METHODS = [
     ("a2ats:codebook=16,residual=8", 0.5, 0),  # retrieval: approximate scores from codes, top-K from cold
     ("actqkv:window=8,residual=8", 0.5, 0),  # retrieval: a dynamic cut-off masked, never read back
     ("icecache:group=8,residual=8", 0.5, 0),  # retrieval: decoded tokens join the cluster index every 8 steps
+    ("leoam:mass=0.05,chunk=8,residual=8", 0.5, 0),  # retrieval: variable chunks fetched token-exactly
 ]
 
 
