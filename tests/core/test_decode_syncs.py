@@ -87,6 +87,7 @@ METHODS = [
     ("actqkv:window=8,residual=8", 0.5, 0),  # retrieval: a dynamic cut-off masked, never read back
     ("icecache:group=8,residual=8", 0.5, 0),  # retrieval: decoded tokens join the cluster index every 8 steps
     ("snapkv:window=8+blockwise:block=6,budget=160", None, 6),  # EpiCache's block-wise schedule while decoding
+    ("leoam:mass=0.05,chunk=8,residual=8", 0.5, 0),  # retrieval: variable chunks fetched token-exactly
 ]
 
 

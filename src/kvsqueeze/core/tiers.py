@@ -129,6 +129,19 @@ class ColdStore:
         record_fetch(out.numel() * out.element_size())
         return out.to(pages.device, non_blocking=True)
 
+    def take_points(self, name: str, rows: np.ndarray, heads: np.ndarray, pages: np.ndarray) -> torch.Tensor:
+        """Pages at arbitrary (row, head, page) points (host integer arrays of one length ``n``): ``[n, page, D]`` on
+        the CPU (recorded as fetched); for a caller that splits its reads between tiers on the host."""
+        if self.backend == "ram":
+            out = self.arrays[name][torch.from_numpy(rows), torch.from_numpy(heads), torch.from_numpy(pages)]
+        else:
+            mapped, dtype, _ = self.maps[name]
+            got = mapped[rows, heads, pages]
+            self._drop(mapped)
+            out = torch.from_numpy(np.ascontiguousarray(got)).view(dtype)
+        record_fetch(out.numel() * out.element_size())
+        return out
+
     def full(self, name: str) -> torch.Tensor:
         """The whole array on the hot device (recorded as fetched)."""
         if self.backend == "ram":

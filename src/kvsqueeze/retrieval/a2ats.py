@@ -23,7 +23,9 @@ Deviations: the paper fits one codebook per layer and KV head offline on calibra
 statistics of that text); here the codebook and ``H`` are fitted per context at prefill (``H`` from the context's own
 queries that the schedule provides, pooled over the head's query heads; no queries: plain k-means), batched over
 rows and heads, ``iters`` Lloyd iterations from evenly spaced tokens (not k-means++), default 128 centroids, so it
-fits a hot budget of short contexts. ``H`` is scaled to unit mean diagonal and regularised by ``1e-4`` of it.
+fits a hot budget of short contexts; the window distance defaults to 512 (the paper's 2048 is for 128k-token
+models), the local window to 32 tokens and the sinks to 4 (the paper's 64 and 8). ``H`` is scaled to unit mean
+diagonal and regularised by ``1e-4`` of it.
 Grouped-query attention selects K tokens per KV head by the largest approximate score over the head's query heads
 (the paper takes the union of each query head's top-K). Tokens decoded after the prefill stay in the hot window.
 Full-attention RoPE models only; no custom kernels: selected tokens are gathered and attended with PyTorch.
