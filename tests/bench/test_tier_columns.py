@@ -34,6 +34,7 @@ def test_rows_carry_hot_cold_and_fetched_bytes(tmp_path):
         r = by[name]
         assert (r["hot_bytes"], r["cold_bytes"], r["fetched_bytes_per_token"]) == (r["cache_bytes"], 0, 0)
     quest = by["quest"]
+    assert quest["ratio"] == 0.5  # a retrieval codec sweeps ratios: what stays hot
     assert quest["cold_bytes"] > 0 and quest["fetched_bytes_per_token"] > 0
     # ratio 0.5: at most half the full cache hot, counting what one step fetches (the prefilled ids are the cache's)
     assert quest["hot_bytes"] + quest["fetched_bytes_per_token"] <= 0.5 * quest["full_bytes"] + 8 * 700
@@ -52,6 +53,7 @@ def test_multiturn_and_multirequest_rows_meter_their_sessions(tmp_path):
 def test_speed_rows_with_the_cold_tier_in_ram_and_on_disk(tmp_path, tier):
     rows = sweep(tmp_path, "speed", f"quest:page=8,residual=8,tier={tier}")
     full, quest = rows
+    assert quest["ratio"] == 0.5
     assert full["method"] == "full" and full["cold_bytes"] == 0 and full["fetched_bytes_per_token"] == 0
     assert quest["decode_tokens_per_second"] > 0 and quest["cold_bytes"] > 0 and quest["fetched_bytes_per_token"] > 0
     assert quest["hot_bytes"] < 0.5 * quest["full_bytes"] + 8 * 800
