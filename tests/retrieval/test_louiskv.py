@@ -72,7 +72,7 @@ def test_input_units_are_clusters_of_the_keys():
     lengths = torch.tensor([[60, 45]])
     labels = torch.randint(0, 3, (105,), generator=g)
     keys = centres[labels] + 0.3 * torch.randn(105, 16, generator=g)
-    block = encode("louiskv:cluster=20,iters=10", keys, keys.clone(), lengths)  # three clusters per head
+    block = encode("louiskv:cluster=20,iters=10,sinks=0", keys, keys.clone(), lengths)  # three clusters per head
     for h, (start, n) in enumerate([(0, 60), (60, 45)]):
         assign = block.assign[0, h, :n]
         truth = labels[start : start + n]
@@ -81,6 +81,15 @@ def test_input_units_are_clusters_of_the_keys():
         assert assign.unique().numel() == truth.unique().numel()
         for c in assign.unique():  # each unit's centroid is the mean key of its tokens
             torch.testing.assert_close(block.centroids[0, h, c], keys[start : start + n][assign == c].mean(0))
+
+
+def test_the_sinks_are_retrieved_first():
+    keys, values, lengths = ragged(LENGTHS, seed=8)
+    block = encode("louiskv:cluster=8,fetch=16,sinks=4", keys, values, lengths)
+    assert block.sink == 8 and block.sizes[..., 8].eq(4).all()
+    q = torch.randn(2, 2, 1, 16, generator=torch.Generator().manual_seed(9))
+    index = block.input_candidates(q)
+    assert all(set(range(4)) <= set(index[b, h].tolist()) for b in range(2) for h in range(2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,9 +8,9 @@ Outputs in the run directory:
 - ``summary.md`` — per task: method × ratio tables of the primary score (mean and interval) and of bytes, the
   speed and long-generation tables, and the failed cells;
 - ``score_vs_ratio_<task>.png``, ``pareto_<task>.png`` (score vs cache bytes per token: quantized and evicting
-  methods compared at equal bytes; hot bytes per token when a row keeps a cold tier (retrieval methods), whose
-  hot bytes and bytes fetched per decoded token also get their own tables; each method its own marker and line
-  style, so overlapping lines stay visible),
+  methods compared at equal bytes; hot bytes per token — at rest plus one step's fetch — when a row keeps a cold
+  tier (retrieval methods), whose hot bytes and bytes fetched per step also get their own tables; each method its
+  own marker and line style, so overlapping lines stay visible),
   ``niah_heatmap.png`` (score by depth × length), ``speed.png`` (work shared by every ratio of a sample, such as
   H2O's accumulated attention, is its own "one-off scoring" bar instead of being charged to the first ratio).
 
@@ -37,7 +37,7 @@ LOWER_IS_BETTER = {"ppl": "perplexity", "fidelity": "KL(full ‖ compressed), na
 SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (higher is better)"}
 _EXTRA = ("bytes_per_token", "cache_fraction", "compression_seconds", "decode_tokens_per_second", "prefill_seconds",
           "tokens_kept_mean", "decode_vs_full", "ttft_seconds", "recomputed_fraction",
-          "fetched_bytes_per_token")  # fmt: skip
+          "fetched_bytes_per_token", "fetched_bytes_per_step")  # fmt: skip
 _RAG = ("score", "kl_gold", "ttft_seconds", "ttft_vs_full", "recomputed_fraction")
 _SPEED = ("prefill_vs_full", "decode_vs_full", "bytes_vs_full", "hot_vs_full", "peak_vs_full", "gpu_peak_vs_full")
 _SPEED_LABELS = ("prefill time", "decode tok/s", "bytes held", "hot bytes", "peak cache bytes", "GPU peak memory")
@@ -74,7 +74,8 @@ def _metrics(rows: list[dict]) -> list[dict]:
             m["cache_fraction"] = r["cache_bytes"] / r["full_bytes"]
         tokens = r.get("tokens_compressed") or r.get("context_tokens")
         if _number(r.get("hot_bytes")) and _number(tokens) and tokens:  # retrieval: what stays in fast memory
-            m["hot_bytes_per_token"] = r["hot_bytes"] / tokens
+            step = r.get("fetched_bytes_per_step") if _number(r.get("fetched_bytes_per_step")) else 0.0
+            m["hot_bytes_per_token"] = (r["hot_bytes"] + step) / tokens  # at rest plus one step's working set
             if _number(r.get("full_bytes")) and r["full_bytes"]:
                 m["hot_fraction"] = r["hot_bytes"] / r["full_bytes"]
         ref = full.get((r["task"], r["sample_id"]))
@@ -209,9 +210,10 @@ def _markdown(rows: list[dict], all_rows: list[dict], summary: list[dict]) -> st
             bytes_rows.append([m, *(f"{c['mean']:.0f}" if c else "" for c in cells)])
         lines += _table(["method", *names], bytes_rows)
         if has_cold(task_rows):
-            for title, key in (("Hot bytes per context token (mean; the cold tier apart):", "hot_bytes_per_token"),
-                               ("Bytes fetched from the cold tier per decoded token (mean):",
-                                "fetched_bytes_per_token")):  # fmt: skip
+            for title, key in (("Hot bytes per context token (mean; at rest plus one step's fetch, the cold tier "
+                                "apart):", "hot_bytes_per_token"),
+                               ("Bytes fetched from the cold tier per step (forward pass; mean):",
+                                "fetched_bytes_per_step")):  # fmt: skip
                 lines += [title, ""]
                 body = []
                 for m in methods:
@@ -382,7 +384,7 @@ def _plots(rows: list[dict], summary: list[dict], out: Path) -> list[Path]:
                         style["ls"] = ""
                 ax.plot(xs, ys, label=method, alpha=0.9, **style)
         ax.set_xlabel(
-            "hot bytes per context token (the cold tier apart)" if x_key != "bytes_per_token"
+            "hot bytes per context token (at rest + one step's fetch)" if x_key != "bytes_per_token"
             else "cache bytes per context token"
         )  # fmt: skip
         ax.set_ylabel(ylabel)

@@ -164,7 +164,9 @@ class SweepConfig:
         cells = [Cell("none", None)]
         for spec in self.methods:
             method = parse_method(spec)
-            if method.evicts and getattr(method.schedule, "budget", None) is None:
+            # a retrieval codec's ratio sets what stays hot (kvsqueeze.retrieval.base): it sweeps ratios too
+            swept = method.evicts or method.codec.retrieves
+            if swept and getattr(method.schedule, "budget", None) is None:
                 cells += [Cell(spec, r) for r in self.ratios]
             else:
                 cells.append(Cell(spec, None))

@@ -79,6 +79,7 @@ class LayerBinding:
                 )
             if self.layer_idx == 0:
                 cache.fetch_meter.tokens += query.shape[2]
+                cache.fetch_meter.steps += 1
             result = (out, None)
         else:
             result = inner(module, query, key, value, attention_mask, **kwargs)
@@ -431,4 +432,5 @@ class CompressedCache(Cache):
             "cold_bytes": self.nbytes(tier="cold"),
             "fetched_bytes": self.fetch_meter.fetched_bytes,
             "fetched_bytes_per_token": self.fetch_meter.per_token(),
+            "fetched_bytes_per_step": self.fetch_meter.per_step(),
         }

@@ -40,9 +40,15 @@ class FetchMeter:
     def __init__(self):
         self.fetched_bytes = 0
         self.tokens = 0
+        self.steps = 0  # forward passes attended over compressed storage (a multi-token forward is one)
 
     def per_token(self) -> float:
         return self.fetched_bytes / self.tokens if self.tokens else 0.0
+
+    def per_step(self) -> float:
+        """Bytes fetched per forward pass: what one step brings into hot memory (the working set beside the hot
+        summaries), where per token divides a multi-token forward's one fetch by its tokens."""
+        return self.fetched_bytes / self.steps if self.steps else 0.0
 
 
 _METER: contextvars.ContextVar[FetchMeter | None] = contextvars.ContextVar("kvsqueeze_fetch_meter", default=None)

@@ -23,14 +23,15 @@ arXiv 2510.11292.
   segments fetched per step and the retrieved index (int64 per slot) are charged first, the rest is the input slots
   of a step (``fetch=`` overrides them).
 
-Deviations: the retained set is re-gathered from the cold tier every step (a fixed-shape gather keeps the step free
-of host synchronisation; the fetch meter counts it), so reuse saves the selection's change and, on a device, what
-a transfer-skipping kernel would save, not metered bytes; the paper's custom Triton/CUDA kernels and CPU-GPU
-pipelines are not reproduced. Retrieval is decided per KV head (the paper does not describe grouped-query heads).
-The input budget is filled token by token in cluster rank order (the last cluster may be partial); clusters come
-from k-means over the normalised keys with a fixed number of rounds. A new output segment refreshes the output
-selection at its first step. Output segments are fixed-size (``group`` tokens), not cut at semantic boundaries, and
-each new segment rewrites the output part of the cold tier (a copy of what was generated so far).
+Deviations: the first ``sinks`` tokens of every head (default 4: the attention sinks) are a cluster of their own,
+retrieved first in every set. The retained set is re-gathered from the cold tier every step (a fixed-shape gather
+keeps the step free of host synchronisation; the fetch meter counts it), so reuse saves the selection's change and,
+on a device, what a transfer-skipping kernel would save, not metered bytes; the paper's custom Triton/CUDA kernels
+and CPU-GPU pipelines are not reproduced. Retrieval is decided per KV head (the paper does not describe grouped-
+query heads). The input budget is filled token by token in cluster rank order (the last cluster may be partial);
+clusters come from k-means over the normalised keys with a fixed number of rounds. A new output segment refreshes
+the output selection at its first step. Output segments are fixed-size (``group`` tokens), not cut at semantic
+boundaries, and each new segment rewrites the output part of the cold tier (a copy of what was generated so far).
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class LouisKVBlock(KVBlock):
     ``[B, H, S, group, D]``); either may be absent."""
 
     def __init__(self, *, centroids, sizes, assign, store_in: ColdStore | None, in_slots: int, means,
-                 store_out: ColdStore | None, out_segments: int, threshold: float, lengths, dim: int):  # fmt: skip
-        self.centroids, self.sizes, self.assign, self.store_in = centroids, sizes, assign, store_in
+                 store_out: ColdStore | None, out_segments: int, threshold: float, lengths, dim: int,
+                 sink: int | None = None):  # fmt: skip
+        self.centroids, self.sizes, self.assign, self.store_in, self.sink = centroids, sizes, assign, store_in, sink
         self.in_slots, self.means, self.store_out, self.out_segments = in_slots, means, store_out, out_segments
         self.threshold, self.lengths, self.dim = threshold, lengths.cpu(), dim
 
@@ -107,6 +109,8 @@ class LouisKVBlock(KVBlock):
         cluster's ``q · centroid`` (then position), the first ``in_slots``."""
         score = (q.float() @ self.centroids.float().transpose(-1, -2)).amax(2)
         score = score.masked_fill(self.sizes == 0, float("-inf"))
+        if self.sink is not None:  # the attention sinks: always retrieved first
+            score[..., self.sink] = float("inf")
         C = score.shape[-1]
         rank = score.argsort(-1, descending=True).argsort(-1)  # [B, H, C]: 0 = best cluster
         rank = torch.cat([rank, rank.new_full((*rank.shape[:2], 1), C)], dim=-1)  # the empty slot ranks last
@@ -196,6 +200,7 @@ class LouisKVCodec(RetrievalCodec):
     cluster: int = 16
     iters: int = 8
     out_segments: int = 2
+    sinks: int = 4  # the first tokens, retrieved with every set (attention sinks)
 
     def output_block(self, keys, values, lengths) -> LouisKVBlock:
         """Segments of ``group`` tokens of a flushed window (every head the same count, a multiple of ``group``)."""
@@ -214,6 +219,8 @@ class LouisKVCodec(RetrievalCodec):
         self.check()
         if self.cluster < 1 or self.iters < 1 or self.out_segments < 1 or not -1.0 <= self.threshold <= 1.0:
             raise KVSqueezeError("louiskv: cluster, iters and out_segments must be >= 1, threshold in [-1, 1]")
+        if self.sinks < 0:
+            raise KVSqueezeError(f"louiskv: sinks must be >= 0, got {self.sinks}")
         if ctx is None:
             return self.output_block(keys, values, lengths)
         device, D, Dv = keys.device, keys.shape[-1], values.shape[-1]
@@ -223,6 +230,11 @@ class LouisKVCodec(RetrievalCodec):
         P = present.shape[-1]
         C = max(math.ceil(int(lengths.max()) / self.cluster), 1)
         assign = spherical_kmeans(kp[..., 0, :], present, C, self.iters)
+        sink = None
+        if self.sinks:  # the first stored tokens of every head: a cluster of their own, always retrieved
+            sink, C = C, C + 1
+            assign = assign.masked_fill(~present, C)
+            assign = assign.masked_fill((torch.arange(P, device=device) < self.sinks) & present, sink)
         centroids, sizes = group_means(kp[..., 0, :], assign, C)
 
         e = keys.element_size()
@@ -237,7 +249,7 @@ class LouisKVCodec(RetrievalCodec):
         return LouisKVBlock(centroids=centroids.to(keys.dtype), sizes=sizes, assign=assign.to(torch.int32),
                             store_in=store, in_slots=in_slots, means=None, store_out=None,
                             out_segments=self.out_segments, threshold=self.threshold, lengths=lengths,
-                            dim=D)  # fmt: skip
+                            dim=D, sink=sink)  # fmt: skip
 
     def extend(self, block: KVBlock, newer: KVBlock) -> KVBlock | None:
         """Output segments appended to the block (one block: one retrieval decision per step)."""
@@ -253,4 +265,4 @@ class LouisKVCodec(RetrievalCodec):
         return LouisKVBlock(centroids=block.centroids, sizes=block.sizes, assign=block.assign,
                             store_in=block.store_in, in_slots=block.in_slots, means=means, store_out=store,
                             out_segments=self.out_segments, threshold=self.threshold,
-                            lengths=block.lengths + newer.lengths, dim=block.dim)  # fmt: skip
+                            lengths=block.lengths + newer.lengths, dim=block.dim, sink=block.sink)  # fmt: skip

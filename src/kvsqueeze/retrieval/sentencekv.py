@@ -17,14 +17,15 @@ Mohammadi Amiri, arXiv 2504.00970.
   count), the per-token sentence index (int32) and the window are charged first, the rest is what a step may fetch
   (``fetch=`` overrides; with a scorer the kept tokens are all fetched unless ``fetch`` is given).
 
-Deviations: no token eviction at prefill (the paper keeps the observation window's top tokens within a budget and
-offloads the rest of them; here every token goes cold, and ``snapkv+sentencekv`` evicts first when wanted). The
-query that ranks sentences is the current step's (the paper averages the queries of the sentence being
+Deviations: the first ``sinks`` tokens of every head (default 4: the attention sinks) are a unit of their own,
+fetched every step first. No token eviction at prefill (the paper keeps the observation window's top tokens within a
+budget and offloads the rest of them; here every token goes cold, and ``snapkv+sentencekv`` evicts first when
+wanted). The query that ranks sentences is the current step's (the paper averages the queries of the sentence being
 generated). Ranking is per KV head by the largest dot product over the head's query heads, not per query head.
-Sentences longer than ``max_sentence`` tokens are cut into pieces of at most that many (so that one always fits
-the budget). Selection takes the longest prefix of the ranking that fits (a sentence after the first one that
-does not fit is not tried). Each step fetches a fixed number of token slots (unused ones masked), which the fetch
-meter counts. Tokens decoded after the prefill stay in the hot window. No custom kernels or CPU-GPU pipelines.
+Sentences longer than ``max_sentence`` tokens are cut into pieces of at most that many (so that one always fits the
+budget). Selection takes the longest prefix of the ranking that fits (a sentence after the first one that does not
+fit is not tried). Each step fetches a fixed number of token slots (unused ones masked), which the fetch meter
+counts. Tokens decoded after the prefill stay in the hot window. No custom kernels or CPU-GPU pipelines.
 """
 
 from __future__ import annotations
@@ -73,17 +74,20 @@ class SentenceKVBlock(KVBlock):
     """Hot: ``vectors [B, H, S, D]``, ``sizes [B, H, S]`` (tokens per sentence), ``unit [B, H, P]`` int32 (each
     slot's sentence; ``S`` = empty slot); cold: keys/values ``[B, H, P, 1, D]``."""
 
-    def __init__(self, vectors, sizes, unit, store: ColdStore, lengths, tokens_per_step: int, dim: int):
+    def __init__(self, vectors, sizes, unit, store: ColdStore, lengths, tokens_per_step: int, dim: int,
+                 sink: int | None = None):  # fmt: skip
         self.vectors, self.sizes, self.unit, self.store = vectors, sizes, unit, store
-        self.lengths, self.tokens_per_step, self.dim = lengths.cpu(), tokens_per_step, dim
+        self.lengths, self.tokens_per_step, self.dim, self.sink = lengths.cpu(), tokens_per_step, dim, sink
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
         """Sentences fetched for ``q [B, H, M, D]``: a mask ``[B, H, S]`` (the best-ranked prefix that fits)."""
         score = (q.float() @ self.vectors.float().transpose(-1, -2)).amax(2)
         score = score.masked_fill(self.sizes == 0, float("-inf"))
+        if self.sink is not None:  # the attention sinks: always the first unit fetched
+            score[..., self.sink] = float("inf")
         order = score.argsort(-1, descending=True)
         fits = self.sizes.gather(-1, order).cumsum(-1) <= self.tokens_per_step
-        fits &= torch.isfinite(score.gather(-1, order))
+        fits &= score.gather(-1, order) > float("-inf")
         return torch.zeros_like(fits).scatter(-1, order, fits)
 
     def slots(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +121,7 @@ class SentenceKVCodec(RetrievalCodec):
     arxiv = "2504.00970"
 
     max_sentence: int = 64
+    sinks: int = 4  # the first tokens, fetched every step (attention sinks)
 
     def attach(self, host, model) -> None:
         if getattr(host, "tokenizer", None) is None:
@@ -130,8 +135,8 @@ class SentenceKVCodec(RetrievalCodec):
         self.check()
         if ctx is None or self.group != NEVER:
             raise KVSqueezeError("sentencekv keeps decoded tokens in its hot window; drop group=")
-        if self.max_sentence < 1:
-            raise KVSqueezeError(f"sentencekv: max_sentence must be >= 1 token, got {self.max_sentence}")
+        if self.max_sentence < 1 or self.sinks < 0:
+            raise KVSqueezeError(f"sentencekv: max_sentence must be >= 1 token and sinks >= 0, got {self.max_sentence}")
         if ctx.tokens is None or ctx.tokenizer is None:
             raise KVSqueezeError(
                 "sentencekv needs the token ids and the tokenizer: build the cache with "
@@ -149,6 +154,10 @@ class SentenceKVCodec(RetrievalCodec):
         present = counts > 0  # [B, H, P]
         unit = paginate(flat[:, None], lengths, 1)[0][..., 0, 0]  # [B, H, P]
         S = int(flat.max()) + 1 if flat.numel() else 1
+        sink = None
+        if self.sinks:  # the first stored tokens of every head: a unit of their own, always fetched
+            sink, S = S, S + 1
+            unit = unit.masked_fill(torch.arange(unit.shape[-1], device=device) < self.sinks, sink)
         unit = unit.masked_fill(~present, S)
         index = unit.clamp(max=S - 1)
         sizes = torch.zeros(B, H, S, dtype=torch.int32, device=device).scatter_add_(-1, index, present.int())
@@ -164,4 +173,4 @@ class SentenceKVCodec(RetrievalCodec):
         store = self.store_for(device)
         store.put("k", kp)
         store.put("v", vp)
-        return SentenceKVBlock(vectors, sizes, unit.to(torch.int32).contiguous(), store, lengths, per_step, D)
+        return SentenceKVBlock(vectors, sizes, unit.to(torch.int32).contiguous(), store, lengths, per_step, D, sink)

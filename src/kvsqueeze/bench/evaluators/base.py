@@ -45,6 +45,15 @@ def fetched_per_token(*caches: CompressedCache) -> float:
     return fetched / tokens if tokens else 0.0
 
 
+def fetch_fields(*caches: CompressedCache) -> dict:
+    """``fetched_bytes_per_token`` and ``fetched_bytes_per_step`` (per forward pass: one step's working set) over
+    ``caches`` together."""
+    fetched = sum(c.fetch_meter.fetched_bytes for c in caches)
+    steps = sum(c.fetch_meter.steps for c in caches)
+    return {"fetched_bytes_per_token": fetched_per_token(*caches),
+            "fetched_bytes_per_step": fetched / steps if steps else 0.0}  # fmt: skip
+
+
 def gold_ids(tokenizer, prompt_end: str, q: Question) -> torch.Tensor:
     """The gold answer's token ids as they follow the prompt, which ends with the answer prefix."""
     return torch.tensor([continuation_ids(tokenizer, prompt_end, q.gold)], dtype=torch.long)
@@ -146,7 +155,8 @@ class Evaluator:
         cache = build_cache(self.model, self.prefill, cell.method, cell.ratio, self.tokenizer)
         fields = self.cache_fields(cache)  # at rest, before decoding
         row = {**fields, **self.decode(cache)}
-        row.setdefault("fetched_bytes_per_token", fetched_per_token(cache))  # forks' sessions set their own
+        if "fetched_bytes_per_token" not in row:  # sessions of forks set their own
+            row.update(fetch_fields(cache))
         return row
 
     def decode(self, cache: CompressedCache) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from kvsqueeze.bench.batch import forward_many
 from kvsqueeze.bench.capture import build_cache
-from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, fetched_per_token
+from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, fetch_fields
 from kvsqueeze.core.cache import CompressedCache
 
 
@@ -76,7 +76,7 @@ class BatchedEvaluator(Evaluator):
         shared = (time.perf_counter() - start) / n
         for row, extra, cache in zip(rows, fields, caches, strict=True):
             row.update(extra)
-            row["fetched_bytes_per_token"] = fetched_per_token(cache)  # the question and the answer, not the gold
+            row.update(fetch_fields(cache))  # the question and the answer, not the gold
             row["bytes_per_token"] = row["cache_bytes"] / max(row["tokens_compressed"], 1)
             row["cell_seconds"] = shared
             row["batched_rows"] = n

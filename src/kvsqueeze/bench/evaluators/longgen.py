@@ -74,6 +74,7 @@ def longgen(
         "hot_bytes": stats["hot_bytes"],
         "cold_bytes": stats["cold_bytes"],
         "fetched_bytes_per_token": stats["fetched_bytes_per_token"],
+        "fetched_bytes_per_step": stats["fetched_bytes_per_step"],
         "decode_tok_s": steps / seconds,
         "full_decode_tok_s": steps / reference["seconds"],
         "relative_speed": reference["seconds"] / seconds,
@@ -112,6 +113,7 @@ class LonggenEvaluator(Evaluator):
             "hot_bytes": res["hot_bytes"],
             "cold_bytes": res["cold_bytes"],
             "fetched_bytes_per_token": res["fetched_bytes_per_token"],
+            "fetched_bytes_per_step": res["fetched_bytes_per_step"],
             "tokens_compressed": prompt + n - 1,  # what the full cache holds at the end
             "tokens_kept_mean": res["tokens_held_end"],
             "prompt_tokens": prompt,

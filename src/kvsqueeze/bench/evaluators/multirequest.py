@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import forward, greedy
-from kvsqueeze.bench.evaluators.base import Evaluator, Session, fetched_per_token, gold_ids
+from kvsqueeze.bench.evaluators.base import Evaluator, Session, fetch_fields, gold_ids
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import prompt_ids, split_prompt
 
@@ -34,4 +34,4 @@ class MultiRequestEvaluator(Evaluator):
             out = greedy(self.model, request, first, q.max_new_tokens, self.eos)
             answer = self.tokenizer.decode([t for t in out.tokens if t not in self.eos], skip_special_tokens=True)
             session.add(answer, q, ll, out)
-        return {**session.row(self.sample), "fetched_bytes_per_token": fetched_per_token(*requests)}
+        return {**session.row(self.sample), **fetch_fields(*requests)}

@@ -15,7 +15,7 @@ import torch
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import forward, greedy
-from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, fetched_per_token, gold_ids, tier_fields
+from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, fetch_fields, gold_ids, tier_fields
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import chat, segmented_prompt
 from kvsqueeze.reuse.rag import ChunkCaches, Request, parse_reuse
@@ -107,7 +107,7 @@ class RagEvaluator(Evaluator):
             "full_bytes": full_bytes,
             "bytes_per_token": cache_bytes / context,
             **tiers,
-            "fetched_bytes_per_token": fetched_per_token(cache),
+            **fetch_fields(cache),
             "decode_seconds": out.seconds,
             "cell_seconds": time.perf_counter() - start,
             **fields,

@@ -69,6 +69,7 @@ class SpeedEvaluator(Evaluator):
             "hot_bytes": stats["hot_bytes"],  # at the end (retrieval: summaries, window; the cold tier apart)
             "cold_bytes": stats["cold_bytes"],
             "fetched_bytes_per_token": stats["fetched_bytes_per_token"],
+            "fetched_bytes_per_step": stats["fetched_bytes_per_step"],
             "tokens_compressed": int(ids.shape[-1]),
             "tokens_kept_mean": stats["tokens_kept_mean"],
             "prompt_tokens": int(ids.shape[-1]),
