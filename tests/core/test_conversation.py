@@ -62,6 +62,11 @@ def test_codecs_follow_a_conversation_and_a_scorer_needs_a_budget(model):
         conv.say(text)
         full.say(text)
     assert conv.nbytes() < full.nbytes()
+    retrieval = Conversation(model, tok, "shadowkv", budget=32, max_new_tokens=4)  # a retrieval tier: hot + cold
+    for text in TURNS:
+        retrieval.say(text)
+    assert retrieval.cache.get_seq_length() == len(retrieval.ids)
+    assert retrieval.cache.nbytes(tier="hot") < full.nbytes()
     with pytest.raises(KVSqueezeError, match="budget"):
         Conversation(model, tok, "snapkv")
 

@@ -28,6 +28,7 @@ from kvsqueeze.prompts import encode
 SESSIONS = 4
 QUESTIONS = 6
 PASSAGE_TOKENS = 90
+MIN_LENGTH = 1536  # room for six passage turns (two per session) that each state a fact
 QUESTION_ROOM = 64  # tokens left after the history for the question, the reply opening and the answer
 TURN_OVERHEAD = 8  # tokens a chat template adds around a message (the measured total is checked after)
 ACKS = ("I see.", "Thank you for sharing this.", "Interesting, please go on.", "Noted, that is a fine passage.",
@@ -118,7 +119,10 @@ def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs) -> l
             used += cost(text) + cost(ack)
         sessions.append(messages)
     if len(turns) < QUESTIONS:
-        raise KVSqueezeError("the context length is too short for convqa; use at least 1024")
+        raise KVSqueezeError(
+            f"the context length leaves {len(turns)} passage turns for {QUESTIONS} facts; use at "
+            f"least {MIN_LENGTH} tokens"
+        )
     for mention, (s, j) in zip(mentions, rng.sample(turns, QUESTIONS), strict=True):
         sessions[s][j] += mention
     return [m for messages in sessions for m in messages]
@@ -128,8 +132,8 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
     if option is not None:
         raise KVSqueezeError(f"convqa takes no option, got {option!r}")
     budget = length - QUESTION_ROOM
-    if budget < 8 * PASSAGE_TOKENS:
-        raise KVSqueezeError(f"context length {length} is too short for convqa; use at least 1024")
+    if length < MIN_LENGTH:
+        raise KVSqueezeError(f"context length {length} is too short for convqa; use at least {MIN_LENGTH}")
     words = vocabulary()
     answers = [w for w in words if len(w) >= 6]  # no short common words a model writes by chance
     paragraphs = austen_paragraphs()
