@@ -88,19 +88,23 @@ class PrefillSchedule(Schedule):
             if span and self.rerotate:
                 raise KVSqueezeError(f"prefill:rerotate does not compose with {scorer.name}'s later compressions")
             waiting = cache.shared_state.setdefault(WAITING, {})
-            queries = call.queries[:, :, -WAITING_QUERIES:]  # what later components may read of the prefill's queries
-            waiting[layer.layer_idx] = (layer, AttentionCall(call.module, queries, call.attention_mask, call.scaling,
-                                                             call.position_ids), span)  # fmt: skip
+            if span:  # the span's real tokens, not the call (the chunk's queries and mask): memory stays bounded
+                valid = valid_tokens(call.attention_mask, call.queries.shape[0], layer.n_recent, layer.keys.device)
+                parked = (valid[:, :span], call.scaling)
+            else:
+                queries = call.queries[:, :, -WAITING_QUERIES:]  # what later components may read of the queries
+                parked = AttentionCall(call.module, queries, call.attention_mask, call.scaling, call.position_ids)
+            waiting[layer.layer_idx] = (layer, parked, span)
         if layer.layer_idx != cache.num_layers - 1 or WAITING not in cache.shared_state:
             return
         waiting = cache.shared_state.pop(WAITING)
         scorer.prepare(cache)
         for idx in sorted(waiting):
-            parked, parked_call, parked_span = waiting[idx]
+            parked_layer, parked, parked_span = waiting[idx]
             if parked_span is None:
-                self.compress_now(cache, parked, parked_call)
+                self.compress_now(cache, parked_layer, parked)
             else:
-                compress_oldest_now(cache, parked, parked_call, parked_span)
+                compress_oldest_now(cache, parked_layer, *parked, parked_span)
         cache.shared_state.pop(SCRATCH, None)
 
     def compress_now(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
@@ -144,20 +148,19 @@ def compress_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall, 
     compress(layer, ctx, cache.method, rekey=rekey)
 
 
-def compress_oldest_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall, span: int) -> None:
-    """Compress the oldest ``span`` uncompressed tail tokens of ``layer`` after ``call`` through the one pipeline."""
+def compress_oldest_now(cache: CacheView, layer: CompressedLayer, valid: torch.Tensor, scaling: float, span: int):
+    """Compress the oldest ``span`` uncompressed tail tokens of ``layer`` (``valid [B, span]``: their real tokens)
+    through the one pipeline (no queries: a scorer that compresses spans scores tokens by themselves)."""
     keys = layer.keys[..., layer.n_front : layer.n_front + span, :]
     values = layer.values[..., layer.n_front : layer.n_front + span, :]
-    B = keys.shape[0]
-    valid = valid_tokens(call.attention_mask, B, layer.n_recent, keys.device)[:, :span]
     ctx = LayerContext(
         layer_idx=layer.layer_idx,
         num_layers=cache.num_layers,
         keys=keys,
         values=values,
-        queries=call.queries,
+        queries=None,
         valid=valid,
-        scaling=call.scaling,
+        scaling=scaling,
         keep=tokens_to_keep(valid.sum(-1), cache.layer_ratio(layer.layer_idx), cache.budget),
         state=layer.state,
         shared=cache.shared_state,
