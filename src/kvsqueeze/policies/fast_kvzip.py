@@ -19,23 +19,43 @@ averaged over tokens, summed over heads and layers; SGD with momentum 0.9, learn
 code's step schedule (1 % warm-up, ×0.5 after half the steps, ×0.25 after three quarters), batches of 1000 tokens,
 every 100th token held out.
 
-Use (:class:`FastKVzip`): the first ``sinks`` tokens and a recent window are always kept — 4096 tokens, or
-``window_ratio`` (2 %) of the context when the context is shorter than the prefill chunk (16k); the rest is ranked
-jointly over all layers and heads (as KVzip). During decoding the paper scores new tokens every ``buffer`` (128)
-steps with a 128-token recent window.
+Use (:class:`FastKVzip`), as in the paper and its reference code:
+
+- *Prefill.* A context of up to ``chunk`` (16k) tokens is one forward: the first ``sinks`` tokens and a recent window
+  of ``window_ratio`` (2 %) of the context are kept, the rest is ranked jointly over all layers and heads (as KVzip).
+  A longer context is prefilled by ``cache.prefill`` in chunks of ``chunk`` tokens (one forward each, positions
+  continuing): the gates score each chunk's tokens as they pass, and after the chunk the tokens that left the recent
+  window (``window``, 4096) are evicted, ranked jointly over layers and heads, keeping the fraction
+  ``(kept × n − window) / (n − window)`` of them (``kept = 1 − ratio``; the window shrinks to ``kept × n`` when it
+  would exceed it), so the whole context keeps the ratio and the cache never holds more than what it kept, the window
+  and one chunk. At the last chunk the window is kept whole.
+- *Decoding.* The hidden states entering each layer are buffered and gated every ``buffer`` (128) tokens (a forward
+  of several tokens, e.g. a question, is gated at once); once a layer's uncompressed tail holds
+  ``decode_window + buffer`` tokens (128 + 128), all but the newest ``decode_window`` are judged: the cache's ratio of
+  them is evicted, ranked jointly over layers and heads. Between two evictions a decode step never synchronises with
+  the device. Forks of a cache (``cache.fork()``, the pipeline's answers) gather their own hidden states.
 
 Wiring: a cache built with ``fast_kvzip`` puts a forward pre-hook on each full-attention module of the model (kept
-as long as the cache lives, inert for any other cache) that runs the gate on the hidden states entering the
-layer; the prefill schedule waits for the last layer, then every layer is compressed with the joint ranking.
+as long as the cache lives, inert for any cache but it and its forks) that runs the gate on the hidden states
+entering the layer. The prefill schedule's whole-context path does the rest (:meth:`FastKVzip.span` says how many
+of a layer's oldest tail tokens are due; every layer is parked until the last one has attended, then compressed
+through :func:`kvsqueeze.core.compressor.compress_oldest`); the kept tokens are stored ragged, one dense block per
+layer (a new one merged into it).
 
 Deviations: the training text is the offline essay collection (the paper: FineWeb-Edu), a few thousand tokens,
 so a run takes minutes on a CPU; KVzip targets come from :func:`kvzip_scores_reference`;
 :func:`calibrate_fast_kvzip` defaults to 2000 steps of 256 tokens (the reference code: 5000 steps of 1000, about
-25 minutes per 1000 steps on this CPU). The prefill is one chunk (the paper's 16k-token chunked prefill is not
-wired; contexts here are shorter than a chunk), and the decoding-time scoring of new tokens every ``buffer`` steps is
-not wired: tokens generated after the prefill stay (as with every prefill-time method). Sliding-window layers keep
-their newest tokens at the uniform budget (as in :mod:`kvsqueeze.policies.kvzip`). In the benchmark's captured
-build (no forward through the cache) the gate scores come from one extra forward of the context per sample.
+25 minutes per 1000 steps on this CPU). Decoding: the reference code's decoding experiments hold a fixed token
+budget, re-ranking every held token (prompt included) each time; here the ratio applies to each generated token once,
+when it leaves the ``decode_window`` (the prefill's kept tokens are not judged again), and with a token budget
+instead of a ratio generated tokens stay. Only ``model.generate`` prefills a long prompt in one forward (chunking is
+``cache.prefill``'s, hence the pipeline's); the chunked prefill and the decoding-time eviction need the dense codec
+and full-attention layers (a chunked prefill refuses others; with another codec generated tokens are encoded as they
+come and stay); the benchmark's batched decoding (one forward for many caches) does not run the hooks of each row,
+so its rows keep their generated tokens. The first ``sinks`` tokens are protected (the reference code protects the
+system prompt). Sliding-window layers keep their newest tokens at the uniform budget (as in
+:mod:`kvsqueeze.policies.kvzip`). In the benchmark's captured build (no forward through the cache) the gate scores
+come from one extra forward of the context per sample.
 """
 
 from __future__ import annotations
