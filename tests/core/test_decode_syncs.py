@@ -61,7 +61,8 @@ class SyncCounter(TorchFunctionMode):
 @pytest.fixture(scope="module")
 def fast_kvzip_gates(tmp_path_factory):
     torch.manual_seed(5)
-    return str(save_gates(Gates.for_model(tiny_model("llama").config), tmp_path_factory.mktemp("fkz") / "g.safetensors"))
+    path = tmp_path_factory.mktemp("fkz") / "g.safetensors"
+    return str(save_gates(Gates.for_model(tiny_model("llama").config), path))
 
 
 @pytest.fixture(scope="module")
