@@ -198,3 +198,46 @@ def test_chunked_prefill_then_decoding_attends_over_what_is_held(gates):
     gemma = tiny_model("gemma3")
     with pytest.raises(KVSqueezeError, match="chunked prefill needs full-attention layers"):
         CompressedCache(gemma, f"fast_kvzip:gates={gates},chunk=16", ratio=0.5).prefill(gemma, context(40))
+
+
+def test_chunked_prefill_keeps_the_top_gate_scores_of_each_chunk(gates, monkeypatch):
+    """After each chunk the tokens that left the window are ranked jointly over layers and heads by the gate scores
+    they got as they passed: what the cache keeps is exactly each chunk's top (the sinks and the final window too)."""
+    produced: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def scores(pos, layer):
+        out = torch.rand(H, len(pos), generator=torch.Generator().manual_seed(int(pos[0]) * 7 + layer))
+        produced[layer].append(out)
+        return out
+
+    monkeypatch.setattr(FastKVzip, "gate_scores", Scripted(scores))
+    model = tiny_model("llama")
+    n, chunk, window = 200, 48, 16
+    cache = CompressedCache(model, f"fast_kvzip:gates={gates},chunk={chunk},window={window}", ratio=0.75)
+    keys: dict[int, list[torch.Tensor]] = defaultdict(list)
+    cache.attention_observer = lambda i, call, k, v: keys[i].append(k[0, :, -call.queries.shape[2] :].clone())
+    cache.prefill(model, context(n))
+    gate = torch.stack([torch.cat(produced[i], -1) for i in range(LAYERS)])  # [layers, H, n]
+    key = [torch.cat(keys[i], dim=1) for i in range(LAYERS)]  # [H, n, D] per layer
+    fraction = (0.25 * n - window) / (n - window)
+    kept = torch.zeros(LAYERS, H, n, dtype=torch.bool)
+    for start, end, sinks, protect in [
+        (0, 32, 4, 0),
+        (32, 80, 0, 0),
+        (80, 128, 0, 0),
+        (128, 176, 0, 0),
+        (176, 200, 0, 16),
+    ]:
+        span = gate[..., start:end].clone()
+        span[..., :sinks] = float("inf")
+        span[..., end - start - protect :] = float("inf")
+        keep = max(-(-((end - start - protect) * fraction) // 1) + protect, sinks)
+        top = span.flatten().topk(int(keep) * LAYERS * H).indices
+        chosen = torch.zeros(span.numel(), dtype=torch.bool)
+        chosen[top] = True
+        kept[..., start:end] = chosen.view_as(span)
+    for i, layer in enumerate(cache.layers):
+        (block,) = layer.blocks
+        assert torch.equal(block.lengths[0], kept[i].sum(-1))
+        for h, segment in enumerate(block.keys.split(block.lengths.flatten().tolist())):
+            assert torch.equal(segment, key[i][h, kept[i, h]])
