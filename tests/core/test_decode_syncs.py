@@ -20,6 +20,7 @@ import kvsqueeze
 from kvsqueeze import CompressedCache
 from kvsqueeze.calibration.kvquant import fit_kvquant
 from kvsqueeze.core.compat import with_cache
+from kvsqueeze.policies.fast_kvzip import Gates, save_gates
 from tests.conftest import tiny_model
 
 SRC = str(Path(kvsqueeze.__file__).parent)
@@ -58,6 +59,13 @@ class SyncCounter(TorchFunctionMode):
 
 
 @pytest.fixture(scope="module")
+def fast_kvzip_gates(tmp_path_factory):
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("fkz") / "g.safetensors"
+    return str(save_gates(Gates.for_model(tiny_model("llama").config), path))
+
+
+@pytest.fixture(scope="module")
 def kvquant_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("kvquant") / "tiny.json"
     path.write_text(json.dumps(fit_kvquant(tiny_model("llama"), None, n_tokens=64)))
@@ -88,16 +96,17 @@ METHODS = [
     ("icecache:group=8,residual=8", 0.5, 0),  # retrieval: decoded tokens join the cluster index every 8 steps
     ("snapkv:window=8+blockwise:block=6,budget=160", None, 6),  # EpiCache's block-wise schedule while decoding
     ("leoam:mass=0.05,chunk=8,residual=8", 0.5, 0),  # retrieval: variable chunks fetched token-exactly
+    ("fast_kvzip:gates={gates},buffer=6,decode_window=4", 0.5, 6),  # gates its buffer, evicts every 6 steps
 ]
 
 
-IDS = [m[0].split(",config")[0].replace(":window=8", "") for m in METHODS]
+IDS = [m[0].split(",config")[0].split(":gates")[0].replace(":window=8", "") for m in METHODS]
 
 
 @pytest.mark.parametrize(("method", "ratio", "every"), METHODS, ids=IDS)
-def test_decode_steps_do_not_synchronise(method, ratio, every, kvquant_config):
+def test_decode_steps_do_not_synchronise(method, ratio, every, kvquant_config, fast_kvzip_gates):
     model = tiny_model("llama")
-    cache = CompressedCache(model, method.format(config=kvquant_config), ratio=ratio)
+    cache = CompressedCache(model, method.format(config=kvquant_config, gates=fast_kvzip_gates), ratio=ratio)
     ids = torch.randint(1, 128, (1, 200), generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(1, 128, (20, 1, 1), generator=torch.Generator().manual_seed(1))
     counter = SyncCounter()

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from kvsqueeze.core import binding, persist, tiers
 from kvsqueeze.core.architectures import attention_modules, plan_layers
 from kvsqueeze.core.compat import passed_cache, with_cache
-from kvsqueeze.core.context import AttentionCall
+from kvsqueeze.core.context import PREFILLING, AttentionCall
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.core.storage import storage_bytes, storage_keys, tensor_bytes, walk_tensors
 from kvsqueeze.errors import KVSqueezeError
@@ -152,6 +152,7 @@ class CompressedCache(Cache):
         self.compression_seconds = 0.0
         self.peak_bytes = 0
         self.tokens: torch.Tensor | None = None  # [B, L] token ids held, when they went through kvsqueeze
+        self.lineage = object()  # the same object for this cache and every fork of it (copied by fork)
         self.attention_observer = None  # called as fn(layer_idx, AttentionCall, keys, values) after each attention
         self.inherited: frozenset = frozenset()  # storages shared with the cache this one was forked from
         self.inherited_stores: frozenset = frozenset()  # ids of the cold stores shared with it
@@ -209,7 +210,8 @@ class CompressedCache(Cache):
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Run the model over a context so that it is compressed now (query-agnostic mode); returns the logits of the
-        last position ``[B, 1, V]``."""
+        last position ``[B, 1, V]``. A scorer with a prefill chunk (``Scorer.prefill_chunk``) gets a long context in
+        chunks, one forward each (positions continue), and compresses each chunk as it passes."""
         held = self.get_seq_length()
         if held:
             raise KVSqueezeError(
@@ -219,19 +221,29 @@ class CompressedCache(Cache):
             raise KVSqueezeError("prefill needs token ids of shape [batch, length] with length >= 1")
         device = next(model.parameters()).device
         input_ids = input_ids.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        length = input_ids.shape[-1]
+        chunk = self.method.scorer.prefill_chunk(length) if self.method.evicts else None
+        chunk = chunk or length
         self.tokens = input_ids.detach().cpu()  # known during the forward (whole-context scorers read them)
+        if chunk < length:  # a chunked prefill: the scorer compresses each chunk as it passes
+            self.shared_state[PREFILLING] = length
         try:
             with torch.no_grad():
-                out = model(
-                    input_ids=input_ids,
-                    attention_mask=None if attention_mask is None else attention_mask.to(device),
-                    **with_cache(model, self),
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+                for start in range(0, length, chunk):
+                    end = min(start + chunk, length)
+                    out = model(
+                        input_ids=input_ids[:, start:end],
+                        attention_mask=None if mask is None else mask[:, :end],
+                        **with_cache(model, self),
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
         except BaseException:
             self.tokens = None
             raise
+        finally:
+            self.shared_state.pop(PREFILLING, None)
         return out.logits
 
     def expect(self, input_ids: torch.Tensor) -> torch.Tensor:

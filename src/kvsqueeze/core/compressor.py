@@ -2,8 +2,10 @@
 
 :func:`compress` is the only code that turns what a layer holds into compressed storage. It is called by the live
 prefill (through the attention binding), by the benchmark's captured build (the same attention inputs, recorded
-once) and by every decoding schedule (what the layer holds, to a token budget). Schedules decide *when* and *to
-what budget*; scorers, budgets and codecs decide *what* and *how*.
+once) and by every decoding schedule (what the layer holds, to a token budget); :func:`compress_oldest` runs the
+same selection (:func:`choose`) over the oldest part of a layer's uncompressed tail only (Fast KVzip's chunked
+prefill and decoding). Schedules decide *when* and *to what budget*; scorers, budgets and codecs decide *what* and
+*how*.
 """
 
 from __future__ import annotations
@@ -87,12 +89,7 @@ def compress(
                 f"{scorer.name} always keeps {protected} tokens but the budget is {smallest} per head; "
                 "use a longer context, a smaller ratio or a larger budget"
             )
-        scores = scorer.score(ctx)
-        ctx.scores = scores
-        counts = scorer.counts(scores, ctx.keep, ctx)  # head-aware selectors own their budgets
-        if counts is None:
-            counts = method.budget.allocate(scores, ctx.keep, ctx)
-        keep = select(scores, counts, ctx.valid)
+        keep = choose(ctx, method, scorer)
         merged = scorer.merge(ctx, keep)
         if merged is not None:
             keys, values = merged
@@ -104,6 +101,26 @@ def compress(
     realign(ctx.state, keep)
     if ctx.layer_idx == ctx.num_layers - 1:
         ctx.shared.pop(SCRATCH, None)
+    return keep
+
+
+def choose(ctx: LayerContext, method: Method, scorer: Scorer) -> torch.Tensor:
+    """The keep mask ``[B, H, L]`` of ``ctx``'s tokens: scores, then counts (the scorer's or the budget's), then the
+    top of each head."""
+    scores = scorer.score(ctx)
+    ctx.scores = scores
+    counts = scorer.counts(scores, ctx.keep, ctx)  # head-aware selectors own their budgets
+    if counts is None:
+        counts = method.budget.allocate(scores, ctx.keep, ctx)
+    return select(scores, counts, ctx.valid)
+
+
+def compress_oldest(layer: CompressedLayer, ctx: LayerContext, method: Method) -> torch.Tensor:
+    """Compress only the oldest ``ctx.length`` uncompressed tail tokens of ``layer`` (``ctx`` covers them; the newer
+    ones stay): the same scores → counts → selection, stored by :meth:`CompressedLayer.store_oldest` (no merging).
+    Returns the keep mask ``[B, H, ctx.length]``."""
+    keep = choose(ctx, method, method.scorer)
+    layer.store_oldest(ctx.length, keep, ctx)
     return keep
 
 

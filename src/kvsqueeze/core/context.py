@@ -12,6 +12,7 @@ import torch
 from kvsqueeze.errors import KVSqueezeError
 
 SCRATCH = "scratch"  # LayerContext.shared[SCRATCH]: cross-layer state of one pass, dropped after the last layer
+PREFILLING = "prefilling"  # shared state during a chunked prefill (Scorer.prefill_chunk): the context's length
 
 
 @dataclass

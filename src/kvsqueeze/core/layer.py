@@ -211,6 +211,46 @@ class CompressedLayer(CacheLayerMixin):
         self.compressions += 1
         self.hold = 0
 
+    def store_oldest(self, span: int, keep: torch.Tensor, ctx: LayerContext | None = None) -> None:
+        """Replace the oldest ``span`` uncompressed tail tokens (after the dense front) by those ``keep [B, H, span]``
+        marks; the newer tail tokens stay as they are (a compression of the part of the sequence that left a recent
+        window: Fast KVzip's chunked prefill and decoding). Full-attention layers only. The kept tokens join the
+        dense front when every head keeps as many and nothing is in blocks yet; otherwise they are encoded by the
+        codec and merged into the last block when the codec can (``Codec.extend``)."""
+        if self.is_sliding:
+            raise KVSqueezeError("store_oldest compresses full-attention layers only")
+        front = self.n_front
+        B, H, _, D = self.keys.shape
+        keys, values = self.keys[..., front : front + span, :], self.values[..., front : front + span, :]
+        rest_k, rest_v = self.keys[..., front + span :, :], self.values[..., front + span :, :]
+        lengths = keep.sum(-1).cpu()
+        if ctx is not None:
+            ctx.stored = keep
+        if self.codec.is_dense and not self.blocks and bool((lengths == lengths[0, 0]).all()):
+            k = int(lengths[0, 0])
+            kept_k, kept_v = keys[keep].view(B, H, k, D), values[keep].view(B, H, k, -1)
+            self.keys = torch.cat([self.keys[..., :front, :], kept_k, rest_k], dim=-2)
+            self.values = torch.cat([self.values[..., :front, :], kept_v, rest_v], dim=-2)
+            self.n_front = front + k
+        else:
+            blocks = list(self.blocks)
+            if front:  # the dense front becomes a block first (every head holds it)
+                full = torch.full((B, H), front, dtype=torch.long)
+                front_k, front_v = self.keys[..., :front, :], self.values[..., :front, :]
+                blocks.append(DenseBlock(front_k.reshape(-1, D), front_v.reshape(-1, front_v.shape[-1]), full))
+            if int(lengths.sum()):
+                block = self.codec.encode(keys[keep], values[keep], lengths, ctx)
+                merged = self.codec.extend(blocks[-1], block) if blocks else None
+                if merged is not None:
+                    blocks[-1] = merged
+                else:
+                    blocks.append(block)
+            self.blocks = blocks
+            self.keys, self.values = owned(rest_k), owned(rest_v)
+            self.n_front = 0
+        self.kept_run = 0
+        self.compressions += 1
+
     def _columns(self, length: int, device) -> torch.Tensor:
         """Logical columns ``[1, 1, L]`` of the ``L`` tokens held before a compression (the newest is ``seen - 1``)."""
         cols = self.state.get("cols")

@@ -21,6 +21,9 @@ class ContextHost(Protocol):
     """What a whole-context scorer (:attr:`Scorer.whole_context`) may use of the cache it serves."""
 
     shared_state: dict
+    ratio: float | None  # the cache's ratio (fraction removed) or None
+    budget: int | None  # the cache's token budget per head or None
+    lineage: object  # the same object for a cache and every fork of it
     tokens: torch.Tensor | None  # [B, L] token ids held, when known
     tokenizer: object | None
     num_layers: int
@@ -60,6 +63,17 @@ class Scorer(Component):
 
     def prepare(self, host: ContextHost) -> None:
         """Work over the whole context after the last layer's prefill attention, before any layer is compressed."""
+
+    def prefill_chunk(self, length: int) -> int | None:
+        """Whole-context scorers that compress a long context as it is prefilled: the chunk length
+        ``cache.prefill`` feeds a context of ``length`` tokens in (None, default: one forward)."""
+        return None
+
+    def span(self, host: ContextHost, layer) -> int | None:
+        """Whole-context scorers that keep compressing as the sequence grows (Fast KVzip's chunked prefill and
+        decoding): after ``layer``'s attention, how many of its oldest uncompressed tail tokens to compress now (0:
+        none yet; the newer ones stay). None (default): compress everything an uncompressed layer holds at once."""
+        return None
 
     def protected(self, length: int) -> int:
         """How many tokens this scorer always keeps (to validate budgets)."""

@@ -19,23 +19,45 @@ averaged over tokens, summed over heads and layers; SGD with momentum 0.9, learn
 code's step schedule (1 % warm-up, ×0.5 after half the steps, ×0.25 after three quarters), batches of 1000 tokens,
 every 100th token held out.
 
-Use (:class:`FastKVzip`): the first ``sinks`` tokens and a recent window are always kept — 4096 tokens, or
-``window_ratio`` (2 %) of the context when the context is shorter than the prefill chunk (16k); the rest is ranked
-jointly over all layers and heads (as KVzip). During decoding the paper scores new tokens every ``buffer`` (128)
-steps with a 128-token recent window.
+Use (:class:`FastKVzip`), as in the paper and its reference code:
+
+- *Prefill.* A context of up to ``chunk`` (16k) tokens is one forward: the first ``sinks`` tokens and a recent window
+  of ``window_ratio`` (2 %) of the context are kept, the rest is ranked jointly over all layers and heads (as KVzip).
+  A longer context is prefilled by ``cache.prefill`` in chunks of ``chunk`` tokens (one forward each, positions
+  continuing): the gates score each chunk's tokens as they pass, and after the chunk the tokens that left the recent
+  window (``window``, 4096) are evicted, ranked jointly over layers and heads, keeping the fraction
+  ``(kept × n − window) / (n − window)`` of them (``kept = 1 − ratio``; the window shrinks to ``kept × n`` when it
+  would exceed it), so the whole context keeps the ratio and the cache never holds more than what it kept, the window
+  and one chunk. At the last chunk the window is kept whole.
+- *Decoding.* The hidden states entering each layer are buffered and gated every ``buffer`` (128) tokens (a forward
+  of several tokens, e.g. a question, is gated at once); once a layer's uncompressed tail holds
+  ``decode_window + buffer`` tokens (128 + 128), all but the newest ``decode_window`` are judged: the cache's ratio of
+  them is evicted, ranked jointly over layers and heads. Between two evictions a decode step never synchronises with
+  the device. The buffered hidden states and the tail's gate scores live in the layer's state and count in the
+  cache's bytes (up to ``buffer`` hidden states per layer: on SmolLM2 about 3 % of a full cache at 2.3k tokens).
+  Forks of a cache (``cache.fork()``, the pipeline's answers) gather their own hidden states.
 
 Wiring: a cache built with ``fast_kvzip`` puts a forward pre-hook on each full-attention module of the model (kept
-as long as the cache lives, inert for any other cache) that runs the gate on the hidden states entering the
-layer; the prefill schedule waits for the last layer, then every layer is compressed with the joint ranking.
+as long as the cache lives, inert for any cache but it and its forks) that runs the gate on the hidden states
+entering the layer. The prefill schedule's whole-context path does the rest (:meth:`FastKVzip.span` says how many
+of a layer's oldest tail tokens are due; every layer is parked until the last one has attended, then compressed
+through :func:`kvsqueeze.core.compressor.compress_oldest`); the kept tokens are stored ragged, one dense block per
+layer (a new one merged into it).
 
 Deviations: the training text is the offline essay collection (the paper: FineWeb-Edu), a few thousand tokens,
 so a run takes minutes on a CPU; KVzip targets come from :func:`kvzip_scores_reference`;
 :func:`calibrate_fast_kvzip` defaults to 2000 steps of 256 tokens (the reference code: 5000 steps of 1000, about
-25 minutes per 1000 steps on this CPU). The prefill is one chunk (the paper's 16k-token chunked prefill is not
-wired; contexts here are shorter than a chunk), and the decoding-time scoring of new tokens every ``buffer`` steps is
-not wired: tokens generated after the prefill stay (as with every prefill-time method). Sliding-window layers keep
-their newest tokens at the uniform budget (as in :mod:`kvsqueeze.policies.kvzip`). In the benchmark's captured
-build (no forward through the cache) the gate scores come from one extra forward of the context per sample.
+25 minutes per 1000 steps on this CPU). Decoding: the reference code's decoding experiments hold a fixed token
+budget, re-ranking every held token (prompt included) each time; here the ratio applies to each generated token once,
+when it leaves the ``decode_window`` (the prefill's kept tokens are not judged again), and with a token budget
+instead of a ratio generated tokens stay. Only ``model.generate`` prefills a long prompt in one forward (chunking is
+``cache.prefill``'s, hence the pipeline's); the chunked prefill and the decoding-time eviction need the dense codec
+and full-attention layers (a chunked prefill refuses others; with another codec generated tokens are encoded as they
+come and stay); the benchmark's batched decoding (one forward for many caches) does not run the hooks of each row,
+so its rows keep their generated tokens. The first ``sinks`` tokens are protected (the reference code protects the
+system prompt). Sliding-window layers keep their newest tokens at the uniform budget (as in
+:mod:`kvsqueeze.policies.kvzip`). In the benchmark's captured build (no forward through the cache) the gate scores
+come from one extra forward of the context per sample.
 """
 
 from __future__ import annotations
@@ -51,12 +73,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from torch import nn
 
 from kvsqueeze.calibration.store import model_key
 from kvsqueeze.core.compat import passed_cache, with_cache
-from kvsqueeze.core.context import SCRATCH, LayerContext
+from kvsqueeze.core.context import PREFILLING, SCRATCH, LayerContext
+from kvsqueeze.core.storage import owned
 from kvsqueeze.data import essays
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.models import cache_dir, load_model
@@ -74,6 +97,9 @@ from kvsqueeze.spec import register
 
 FAST_KVZIP_SCORES = "fast_kvzip_scores"  # ctx.shared key: {layer_idx: [B, H, L] gate scores of every layer}
 GATE_SCORES = "fast_kvzip_gathered"  # scratch key: gate scores the hooks gathered during the current forward
+SPANS = "fast_kvzip_spans"  # scratch key: {layer_idx: SpanPlan} of the layers compressing their oldest tail tokens
+TAIL_SCORES = "fast_kvzip_tail_scores"  # layer.state: gate scores [B, H, n] of the oldest n uncompressed tail tokens
+TAIL_HIDDEN = "fast_kvzip_tail_hidden"  # layer.state: hidden states [B, m, hidden] of the newest m, not yet scored
 
 
 # ---- the gate ----------------------------------------------------------------------------------------------
@@ -365,6 +391,25 @@ def calibrate_fast_kvzip(
 
 
 # ---- the scorer --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpanPlan:
+    """The compression of a layer's oldest ``tokens`` uncompressed tail tokens: ``fraction`` of them kept beyond the
+    protected ones — the first ``sinks`` (the context's first chunk) and the newest ``protect`` (the prefill's recent
+    window, at its last chunk)."""
+
+    tokens: int
+    fraction: float
+    sinks: int = 0
+    protect: int = 0
+
+    def keep(self, valid: torch.Tensor) -> torch.Tensor:
+        """Tokens kept per head of each row ``[B]`` (on average over the layers' heads when ranked jointly)."""
+        n = valid.sum(-1)
+        protect = torch.clamp(n, max=self.protect)
+        keep = torch.ceil((n - protect).double() * self.fraction - 1e-9).long() + protect
+        return torch.minimum(torch.maximum(keep, torch.clamp(n, max=self.sinks + self.protect)), n)
+
+
 @register
 class FastKVzip(Scorer):
     name = "fast_kvzip"
@@ -375,9 +420,11 @@ class FastKVzip(Scorer):
     sinks: int = Field(4, ge=0)
     window: int = Field(4096, ge=0)  # recent tokens kept (long contexts)
     window_ratio: float = Field(0.02, ge=0.0, le=1.0)  # recent window for contexts shorter than `chunk`
-    chunk: int = Field(16000, ge=1)  # prefill chunk (read by the pipeline)
-    buffer: int = Field(128, ge=1)  # decoding: new tokens scored every `buffer` steps (read by the pipeline)
+    chunk: int = Field(16000, ge=1)  # prefill chunk: cache.prefill feeds longer contexts in chunks of this many
+    buffer: int = Field(128, ge=1)  # decoding: hidden states gated and new tokens judged every `buffer` tokens
+    decode_window: int = Field(128, ge=0)  # decoding: newest tokens never judged
     allocation: Literal["global", "layer", "uniform"] = "global"
+    _gates: dict = PrivateAttr(default_factory=dict)  # loaded gates by file (one load per scorer and file)
 
     def recent(self, length: int) -> int:
         """The protected recent window for a context of ``length`` tokens."""
@@ -389,6 +436,9 @@ class FastKVzip(Scorer):
     @property
     def whole_context(self) -> bool:
         return True  # the paper's global budget ranks every layer's gate scores at once
+
+    def prefill_chunk(self, length: int) -> int | None:
+        return self.chunk if length > self.chunk else None
 
     def gate_path(self, config) -> Path:
         return Path(self.gates).expanduser() if self.gates else gates_file(config.get_text_config())
@@ -404,39 +454,136 @@ class FastKVzip(Scorer):
             )
         return gates
 
+    def gates_for(self, config) -> Gates:
+        """:meth:`load`, once per gate file."""
+        key = str(self.gate_path(config))
+        if key not in self._gates:
+            self._gates[key] = self.load(config, set(compressed_layers(config)))
+        return self._gates[key]
+
+    def gate_scores(self, gates: Gates, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate scores ``[B, H, M]`` of hidden states ``[B, M, hidden]`` entering layer ``layer_idx``'s attention."""
+        return gates[layer_idx](hidden).float()
+
+    # ---- the hooks: gate scores of the tokens as they pass ------------------------------------------------------
     def attach(self, host: ContextHost, model) -> None:
         """Score each token as its hidden state enters a full-attention layer (a forward pre-hook per attention
-        module, kept as long as the cache lives, inert for every other cache): the gate needs nothing else."""
+        module, kept as long as the cache lives, inert for every other cache than it and its forks): the gate needs
+        nothing else. A one-forward prefill hands its scores over in ``scratch``; after compression (and during a
+        chunked prefill) the layer's uncompressed tail keeps them in its state: hidden states are buffered and gated
+        every ``buffer`` tokens (at once for a multi-token forward)."""
         path = self.gate_path(model.config)
         if not path.is_file():
             load_gates(path)  # the one-line error naming how to train them, before any model work
         layers = set(compressed_layers(model.config))
         modules = attention_modules(model)
         ref = weakref.ref(host)
-        loaded: list[Gates] = []
         config = model.config
 
         def observe(module, args, kwargs):
-            cache = ref()
-            if cache is None or passed_cache(kwargs) is not cache or cache.replaying:
+            owner, cache = ref(), passed_cache(kwargs)
+            if owner is None or getattr(cache, "lineage", None) is not owner.lineage or cache.replaying:
                 return
+            if FAST_KVZIP_SCORES in cache.shared_state:
+                return  # scores given
             idx = int(module.layer_idx)
-            if FAST_KVZIP_SCORES in cache.shared_state or getattr(cache.layers[idx], "compressed", False):
-                return  # scores given, or decoding over a compressed layer
-            if not loaded:
-                loaded.append(self.load(config, layers))
+            layer = cache.layers[idx]
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache.shared_state.setdefault(SCRATCH, {}).setdefault(GATE_SCORES, {})[idx] = loaded[0][idx](hidden).float()
+            gates = self.gates_for(config)
+            if getattr(layer, "compressed", False) or PREFILLING in cache.shared_state:
+                if not layer.is_sliding and layer.codec.is_dense:
+                    self.gather(layer.state, gates, idx, hidden)
+                return
+            scores = self.gate_scores(gates, idx, hidden)
+            cache.shared_state.setdefault(SCRATCH, {}).setdefault(GATE_SCORES, {})[idx] = scores
 
         for idx in sorted(layers):
             host.keep_hook(modules[idx].register_forward_pre_hook(observe, with_kwargs=True))
 
+    def gather(self, state: dict, gates: Gates, layer_idx: int, hidden: torch.Tensor) -> None:
+        """Buffer the hidden states of a layer's new tail tokens; gate the buffer once it holds ``buffer`` tokens
+        or when a forward brings several tokens (no device synchronisation)."""
+        hidden = hidden.detach()
+        buffered = state.get(TAIL_HIDDEN)
+        state[TAIL_HIDDEN] = owned(hidden) if buffered is None else torch.cat([buffered, hidden], dim=1)
+        if state[TAIL_HIDDEN].shape[1] >= self.buffer or hidden.shape[1] > 1:
+            self.flush(state, gates, layer_idx)
+
+    def flush(self, state: dict, gates: Gates, layer_idx: int) -> None:
+        """Gate the buffered hidden states of a layer's tail."""
+        hidden = state.pop(TAIL_HIDDEN, None)
+        if hidden is None:
+            return
+        scores = self.gate_scores(gates, layer_idx, hidden)
+        done = state.get(TAIL_SCORES)
+        state[TAIL_SCORES] = scores if done is None else torch.cat([done, scores], dim=-1)
+
+    # ---- when: the whole context, each prefill chunk, every `buffer` decoded tokens -----------------------------
+    def chunk_plan(self, host: ContextHost, length: int) -> tuple[int, float]:
+        """The recent window of a chunked prefill of ``length`` tokens and the fraction kept of every other token,
+        so that the whole context keeps the cache's ratio (the reference code's adjustment; a budget is its ratio)."""
+        if host.ratio is not None:
+            kept = 1.0 - host.ratio
+        else:
+            kept = min(host.budget, length) / length if host.budget is not None else 1.0
+        window = min(self.recent(length), int(kept * length))
+        fraction = (kept * length - window) / (length - window) if length > window else 1.0
+        return window, min(max(fraction, 0.0), 1.0)
+
+    def span(self, host: ContextHost, layer) -> int | None:
+        """One forward of a context (not chunked): None, the whole context at once. A chunked prefill: the tokens
+        that left the recent window, the window too at the last chunk (protected). Decoding: once the uncompressed
+        tail holds ``decode_window + buffer`` tokens, all but the newest ``decode_window`` (at the cache's ratio).
+        0 when nothing is due, or when the hooks did not see every tail token (the benchmark's batched rows)."""
+        length = host.shared_state.get(PREFILLING)
+        if length is None and not getattr(layer, "compressed", False):
+            return None
+        if layer.is_sliding or not layer.codec.is_dense:
+            if length is not None:
+                raise KVSqueezeError(
+                    f"fast_kvzip's chunked prefill needs full-attention layers and the dense codec; give "
+                    f"fast_kvzip:chunk=N with N >= the context length ({length} tokens)"
+                )
+            return 0
+        recent, state = layer.n_recent, layer.state
+        scored = state[TAIL_SCORES].shape[-1] if TAIL_SCORES in state else 0
+        buffered = state[TAIL_HIDDEN].shape[1] if TAIL_HIDDEN in state else 0
+        if recent == 0 or scored + buffered != recent:
+            return 0
+        if length is not None:
+            window, fraction = self.chunk_plan(host, length)
+            last = layer.seen >= length
+            sinks = self.sinks if not layer.compressed else 0
+            plan = SpanPlan(recent if last else recent - window, fraction, sinks, window if last else 0)
+        elif host.ratio is not None and recent >= self.decode_window + self.buffer:
+            plan = SpanPlan(recent - self.decode_window, 1.0 - host.ratio)
+        else:
+            return 0
+        if plan.tokens <= 0:
+            return 0
+        host.shared_state.setdefault(SCRATCH, {}).setdefault(SPANS, {})[layer.layer_idx] = plan
+        return plan.tokens
+
     def prepare(self, host: ContextHost) -> None:
-        """Hand the gate scores gathered during the forward to every layer's compression (the benchmark's captured
-        prefill ran no forward through this cache: one forward of the context gives them, once per sample)."""
+        """Hand the gate scores to every layer's compression: those of the oldest tail tokens of the layers that
+        compress a span, or those gathered during a one-forward prefill (the benchmark's captured prefill ran no
+        forward through this cache: one forward of the context gives them, once per sample)."""
         if FAST_KVZIP_SCORES in host.shared_state:
             return
         scratch = host.shared_state.setdefault(SCRATCH, {})
+        spans = scratch.get(SPANS)
+        if spans:
+            config = host.served_model().config
+            given = {}
+            for idx, plan in spans.items():
+                state = host.layers[idx].state
+                self.flush(state, self.gates_for(config), idx)
+                scores = state.pop(TAIL_SCORES)
+                given[idx] = scores[..., : plan.tokens]
+                if scores.shape[-1] > plan.tokens:
+                    state[TAIL_SCORES] = owned(scores[..., plan.tokens :])
+            scratch[FAST_KVZIP_SCORES] = given  # dropped after the compression
+            return
         scores = scratch.pop(GATE_SCORES, None)
         memo = host.shared_state.get(PREFILL_MEMO)
         if scores is None and memo is not None and host.tokens is not None:
@@ -453,6 +600,7 @@ class FastKVzip(Scorer):
             )
         scratch[FAST_KVZIP_SCORES] = scores  # dropped after the last layer is compressed
 
+    # ---- what: the gate scores, sinks and the recent window protected ------------------------------------------
     def _raw(self, ctx: LayerContext) -> dict[int, torch.Tensor]:
         """Every layer's gate scores (given, or gathered by :meth:`attach`'s hooks during the forward)."""
         scores = ctx.shared.get(FAST_KVZIP_SCORES, ctx.shared.get(SCRATCH, {}).get(FAST_KVZIP_SCORES))
@@ -462,11 +610,19 @@ class FastKVzip(Scorer):
             )
         return scores
 
-    def _finish(self, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _plans(ctx: LayerContext) -> dict[int, SpanPlan]:
+        return ctx.shared.get(SCRATCH, {}).get(SPANS, {})
+
+    def _finish(self, raw: torch.Tensor, valid: torch.Tensor, plan: SpanPlan | None = None) -> torch.Tensor:
         n = valid.sum(-1, keepdim=True)
         rank = valid.long().cumsum(-1) - 1
-        recent = torch.tensor([self.recent(int(x)) for x in n.flatten()], device=valid.device)[:, None]
-        keep = valid & ((rank < self.sinks) | (rank >= n - recent))
+        if plan is None:  # the whole context: the first `sinks` and the recent window
+            sinks = self.sinks
+            recent = torch.tensor([self.recent(int(x)) for x in n.flatten()], device=valid.device)[:, None]
+        else:
+            sinks, recent = plan.sinks, plan.protect
+        keep = valid & ((rank < sinks) | (rank >= n - recent))
         score = raw.float().masked_fill(keep[:, None, :], PROTECTED)
         return score.masked_fill(~valid[:, None, :], float("-inf"))
 
@@ -477,9 +633,15 @@ class FastKVzip(Scorer):
         raw = self._raw(ctx)
         if ctx.layer_idx not in raw or tuple(raw[ctx.layer_idx].shape) != (*ctx.keys.shape[:2], ctx.length):
             raise KVSqueezeError(f"fast_kvzip: no gate scores matching layer {ctx.layer_idx}'s tokens")
-        return self._finish(raw[ctx.layer_idx].to(ctx.keys.device), ctx.valid)
+        return self._finish(raw[ctx.layer_idx].to(ctx.keys.device), ctx.valid, self._plans(ctx).get(ctx.layer_idx))
 
     def counts(self, scores: torch.Tensor, keep_per_head: torch.Tensor, ctx: LayerContext) -> torch.Tensor | None:
+        plans = self._plans(ctx)
+        plan = plans.get(ctx.layer_idx)
+        if plan is not None:  # a span: its own kept count (the chunked prefill's adjusted ratio)
+            keep_per_head = plan.keep(ctx.valid)
+            if self.allocation == "uniform":
+                return keep_per_head[:, None].expand(scores.shape[:2])
         if self.allocation == "uniform" or ctx.sliding_window is not None:
             return None
         if self.allocation == "layer":
@@ -489,7 +651,7 @@ class FastKVzip(Scorer):
         memo = ctx.scratch.get(memo_key)  # one compression pass: dropped after the last layer
         if memo is None or memo[0] is not raw:
             order = sorted(raw)
-            stacked = torch.stack([self._finish(raw[i].to(scores.device), ctx.valid) for i in order])
+            stacked = torch.stack([self._finish(raw[i].to(scores.device), ctx.valid, plans.get(i)) for i in order])
             counts = global_counts(stacked, keep_per_head)
             memo = ctx.scratch[memo_key] = (raw, {i: counts[j] for j, i in enumerate(order)})
         return memo[1][ctx.layer_idx]

@@ -24,8 +24,8 @@ from typing import Protocol
 import torch
 from pydantic import Field
 
-from kvsqueeze.core.compressor import aligned, attention_context, compress
-from kvsqueeze.core.context import AttentionCall, DecodeStep, LayerContext
+from kvsqueeze.core.compressor import aligned, attention_context, compress, compress_oldest
+from kvsqueeze.core.context import SCRATCH, AttentionCall, DecodeStep, LayerContext
 from kvsqueeze.core.layer import CompressedLayer
 from kvsqueeze.core.masks import valid_tokens
 from kvsqueeze.core.storage import owned
@@ -72,23 +72,40 @@ class PrefillSchedule(Schedule):
     def after_attention(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
         if layer.compressed and self.rerotate and not layer.state.get("positions_checked"):
             check_continued_positions(layer, call)
-        if layer.compressed or not cache.compresses:
+        if not cache.compresses:
             return
         scorer = cache.method.scorer if cache.method.evicts else None
-        if scorer is None or not scorer.whole_context:
+        if scorer is not None and scorer.whole_context:
+            self.whole_context(cache, scorer, layer, call)
+        elif not layer.compressed:
             self.compress_now(cache, layer, call)
+
+    def whole_context(self, cache: CacheView, scorer: Scorer, layer: CompressedLayer, call: AttentionCall) -> None:
+        """Wait until the last layer has attended, then prepare and compress every layer that asked: everything an
+        uncompressed layer holds, or the oldest ``scorer.span`` tail tokens of a layer (chunked prefill, decoding)."""
+        span = scorer.span(cache, layer)
+        if (span is None and not layer.compressed) or span:
+            if span and self.rerotate:
+                raise KVSqueezeError(f"prefill:rerotate does not compose with {scorer.name}'s later compressions")
+            waiting = cache.shared_state.setdefault(WAITING, {})
+            if span:  # the span's real tokens, not the call (the chunk's queries and mask): memory stays bounded
+                valid = valid_tokens(call.attention_mask, call.queries.shape[0], layer.n_recent, layer.keys.device)
+                parked = (valid[:, :span], call.scaling)
+            else:
+                queries = call.queries[:, :, -WAITING_QUERIES:]  # what later components may read of the queries
+                parked = AttentionCall(call.module, queries, call.attention_mask, call.scaling, call.position_ids)
+            waiting[layer.layer_idx] = (layer, parked, span)
+        if layer.layer_idx != cache.num_layers - 1 or WAITING not in cache.shared_state:
             return
-        # a whole-context scorer: wait until the last layer has attended, then prepare and compress every layer
-        waiting = cache.shared_state.setdefault(WAITING, {})
-        queries = call.queries[:, :, -WAITING_QUERIES:]  # what later components may read of the prefill's queries
-        waiting[layer.layer_idx] = (layer, AttentionCall(call.module, queries, call.attention_mask, call.scaling,
-                                                         call.position_ids))  # fmt: skip
-        if layer.layer_idx != cache.num_layers - 1:
-            return
-        del cache.shared_state[WAITING]
+        waiting = cache.shared_state.pop(WAITING)
         scorer.prepare(cache)
         for idx in sorted(waiting):
-            self.compress_now(cache, *waiting[idx])
+            parked_layer, parked, parked_span = waiting[idx]
+            if parked_span is None:
+                self.compress_now(cache, parked_layer, parked)
+            else:
+                compress_oldest_now(cache, parked_layer, *parked, parked_span)
+        cache.shared_state.pop(SCRATCH, None)
 
     def compress_now(self, cache: CacheView, layer: CompressedLayer, call: AttentionCall) -> None:
         rekey = None
@@ -129,6 +146,26 @@ def compress_now(cache: CacheView, layer: CompressedLayer, call: AttentionCall, 
         budget=cache.budget, tokens=getattr(cache, "tokens", None), tokenizer=getattr(cache, "tokenizer", None),
     )  # fmt: skip
     compress(layer, ctx, cache.method, rekey=rekey)
+
+
+def compress_oldest_now(cache: CacheView, layer: CompressedLayer, valid: torch.Tensor, scaling: float, span: int):
+    """Compress the oldest ``span`` uncompressed tail tokens of ``layer`` (``valid [B, span]``: their real tokens)
+    through the one pipeline (no queries: a scorer that compresses spans scores tokens by themselves)."""
+    keys = layer.keys[..., layer.n_front : layer.n_front + span, :]
+    values = layer.values[..., layer.n_front : layer.n_front + span, :]
+    ctx = LayerContext(
+        layer_idx=layer.layer_idx,
+        num_layers=cache.num_layers,
+        keys=keys,
+        values=values,
+        queries=None,
+        valid=valid,
+        scaling=scaling,
+        keep=tokens_to_keep(valid.sum(-1), cache.layer_ratio(layer.layer_idx), cache.budget),
+        state=layer.state,
+        shared=cache.shared_state,
+    )
+    compress_oldest(layer, ctx, cache.method)
 
 
 # ---- helpers shared by decoding schedules -----------------------------------------------------------------------
