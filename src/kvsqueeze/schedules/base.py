@@ -92,7 +92,9 @@ class PrefillSchedule(Schedule):
                 valid = valid_tokens(call.attention_mask, call.queries.shape[0], layer.n_recent, layer.keys.device)
                 parked = (valid[:, :span], call.scaling)
             else:
-                queries = call.queries[:, :, -WAITING_QUERIES:]  # what later components may read of the queries
+                queries = owned(
+                    call.queries[:, :, -WAITING_QUERIES:]
+                )  # a copy: a view would pin every query of the prompt
                 parked = AttentionCall(call.module, queries, call.attention_mask, call.scaling, call.position_ids)
             waiting[layer.layer_idx] = (layer, parked, span)
         if layer.layer_idx != cache.num_layers - 1 or WAITING not in cache.shared_state:
