@@ -60,3 +60,27 @@ def context(keys, lengths, keep: int | None = None, positions=None) -> LayerCont
         shared={},
         stored=stored,
     )
+
+
+def ids(n: int, seed: int = 0) -> torch.Tensor:
+    """``[1, n]`` random token ids of the tiny model's vocabulary."""
+    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, cache, prompt: torch.Tensor, n: int = 6) -> torch.Tensor:
+    """Exactly ``n`` greedy tokens after ``prompt`` through ``cache``."""
+    with torch.no_grad():
+        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def one_step(model, spec: str, ratio: float, n: int = 400):
+    """A cache of ``spec`` at ``ratio`` over ``n`` random tokens, then one decoded token: ``(cache, hot bytes at rest
+    (the cache's own token ids left out), bytes fetched for that step, the full cache's bytes)``."""
+    from kvsqueeze import CompressedCache
+
+    cache = CompressedCache(model, spec, ratio=ratio)
+    cache.prefill(model, ids(n))
+    full = cache.full_nbytes()
+    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8  # the prefilled token ids are the cache's
+    generate(model, cache, torch.cat([ids(n), ids(1, 9)], -1), n=1)
+    return cache, hot, cache.stats()["fetched_bytes_per_token"], full

@@ -11,7 +11,7 @@ from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.core.rope import rerope
 from kvsqueeze.retrieval.a2ats import ROPE, A2ATSBlock
 from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -134,20 +134,6 @@ def test_few_tokens_differ_from_full_attention():
     assert (out.double() - ref).abs().max() > 1e-3
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-def ids(n, seed=0):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, cache, prompt, n=6):
-    with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def test_every_token_decodes_like_the_full_cache(model):
     prompt = ids(150)
     full = generate(model, CompressedCache(model, "none"), prompt)
@@ -158,12 +144,7 @@ def test_every_token_decodes_like_the_full_cache(model):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_ratio_bounds_what_is_hot(model, ratio):
-    cache = CompressedCache(model, "a2ats:codebook=16,residual=8", ratio=ratio)
-    cache.prefill(model, ids(400))
-    full = cache.full_nbytes()
-    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8  # the prefilled token ids are the cache's
-    generate(model, cache, torch.cat([ids(400), ids(1, 9)], -1), n=1)
-    per_step = cache.stats()["fetched_bytes_per_token"]
+    cache, hot, per_step, full = one_step(model, "a2ats:codebook=16,residual=8", ratio)
     assert per_step > 0
     assert hot + per_step <= (1 - ratio) * full, (hot, per_step, full)
     assert hot + per_step >= 0.8 * (1 - ratio) * full  # the budget is used, not wasted

@@ -9,8 +9,7 @@ import torch
 
 from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.retrieval.actqkv import ActQKVBlock, activation_bias, cutoff
-from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -130,20 +129,6 @@ def test_a_cut_off_below_every_window_is_not_exact():
     assert (out.double() - ref).abs().max() > 1e-3
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-def ids(n, seed=0):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, cache, prompt, n=6):
-    with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def test_every_window_decodes_like_the_full_cache(model):
     prompt = ids(150)
     full = generate(model, CompressedCache(model, "none"), prompt)
@@ -154,12 +139,8 @@ def test_every_window_decodes_like_the_full_cache(model):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_ratio_bounds_what_is_hot(model, ratio):
-    cache = CompressedCache(model, "actqkv:window=8,residual=8", ratio=ratio)
-    cache.prefill(model, ids(400))
-    full = cache.full_nbytes()
-    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8
-    generate(model, cache, torch.cat([ids(400), ids(1, 9)], -1), n=1)
-    per_step = cache.stats()["fetched_bytes_per_token"]  # the fixed maximum: windows past the cut-off are masked
+    # per step: the fixed maximum (windows past the cut-off are masked)
+    _, hot, per_step, full = one_step(model, "actqkv:window=8,residual=8", ratio)
     assert per_step > 0
     assert hot + per_step <= (1 - ratio) * full, (hot, per_step, full)
     assert hot + per_step >= 0.8 * (1 - ratio) * full

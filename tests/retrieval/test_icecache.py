@@ -10,7 +10,7 @@ import torch
 from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.retrieval.icecache import IceCacheBlock
 from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -141,20 +141,6 @@ def test_decoded_tokens_join_their_nearest_cluster():
     torch.testing.assert_close(out.double(), ref, atol=tolerance(torch.float32), rtol=tolerance(torch.float32))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-def ids(n, seed=0):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, cache, prompt, n=6):
-    with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def test_every_cluster_decodes_like_the_full_cache_through_updates(model):
     prompt = ids(150)
     full = generate(model, CompressedCache(model, "none"), prompt, n=30)
@@ -166,12 +152,7 @@ def test_every_cluster_decodes_like_the_full_cache_through_updates(model):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_ratio_bounds_what_is_hot(model, ratio):
-    cache = CompressedCache(model, "icecache:page=8,residual=8", ratio=ratio)
-    cache.prefill(model, ids(400))
-    full = cache.full_nbytes()
-    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8
-    generate(model, cache, torch.cat([ids(400), ids(1, 9)], -1), n=1)
-    per_step = cache.stats()["fetched_bytes_per_token"]
+    _, hot, per_step, full = one_step(model, "icecache:page=8,residual=8", ratio)
     assert per_step > 0
     assert hot + per_step <= (1 - ratio) * full, (hot, per_step, full)
     assert hot + per_step >= 0.8 * (1 - ratio) * full

@@ -10,8 +10,7 @@ import torch
 from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.core.tiers import paginate
 from kvsqueeze.retrieval.leoam import LeoAMBlock, chunk_ids
-from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -143,20 +142,6 @@ def test_a_ram_tier_in_front_of_the_disk_holds_the_most_attended_chunks(tmp_path
     assert hits > 0 and read == [2 * 24 - hits] * 2  # keys and values: only the misses come from disk
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-def ids(n, seed=0):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, cache, prompt, n=6):
-    with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def test_every_token_decodes_like_the_full_cache(model):
     prompt = ids(150)
     full = generate(model, CompressedCache(model, "none"), prompt)
@@ -167,12 +152,7 @@ def test_every_token_decodes_like_the_full_cache(model):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_ratio_bounds_what_is_hot(model, ratio):
-    cache = CompressedCache(model, "leoam:mass=0.05,chunk=8,residual=8", ratio=ratio)
-    cache.prefill(model, ids(400))
-    full = cache.full_nbytes()
-    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8
-    generate(model, cache, torch.cat([ids(400), ids(1, 9)], -1), n=1)
-    per_step = cache.stats()["fetched_bytes_per_token"]
+    _, hot, per_step, full = one_step(model, "leoam:mass=0.05,chunk=8,residual=8", ratio)
     assert per_step > 0
     assert hot + per_step <= (1 - ratio) * full, (hot, per_step, full)
     assert hot + per_step >= 0.8 * (1 - ratio) * full

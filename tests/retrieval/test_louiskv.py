@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.retrieval.louiskv import STATE, LouisKVBlock
-from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, ragged, reference, tolerance
 
 LENGTHS = [[64, 48], [57, 64]]
 
@@ -115,20 +114,6 @@ def test_a_small_budget_is_not_exact():
     out, _ = block.attend_with_state(q, 0.25, {})
     ref, _ = reference(q, keys, values, lengths, 0.25)
     assert (out.double() - ref).abs().max() > 1e-3
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-def ids(n, seed=0):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, cache, prompt, n=6):
-    with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
 def test_output_segments_and_everything_fetched_decodes_like_the_full_cache(model):

@@ -10,8 +10,7 @@ import torch
 from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.retrieval.sentencekv import SentenceKVBlock, sentence_units
 from tests.bench.conftest import CharTokenizer
-from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, reference, tolerance
+from tests.retrieval.helpers import context, generate, reference, tolerance
 
 TEXT = 'The cat sat. "Who ran?" she asked!\nNew line here. 3.5 is a number. End'
 SENTENCES = ["The cat sat.", ' "Who ran?"', " she asked!\n", "New line here.", " 3.5 is a number.", " End"]
@@ -145,21 +144,11 @@ def test_fewer_sentences_differ_from_full_attention():
     assert (out.double() - ref).abs().max() > 1e-3
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
 PROSE = "".join(f"Line {i} says the word {chr(97 + i % 26) * 3} here. " for i in range(24))
 
 
 def prompt(extra: str = "") -> torch.Tensor:
     return torch.tensor([CharTokenizer().encode(PROSE + extra)])
-
-
-def generate(model, cache, ids, n=6):
-    with torch.no_grad():
-        return model.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
 
 def test_budget_covering_everything_decodes_like_the_full_cache(model):

@@ -10,7 +10,7 @@ from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.core.rope import rerope, unrope
 from kvsqueeze.retrieval.shadowkv import ROPE, ShadowKVBlock
 from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, tolerance
 
 LENGTHS = [[44, 44], [30, 44]]
 DIM = 16
@@ -111,20 +111,6 @@ def test_selected_chunks_are_the_top_k_of_the_landmarks():
         assert set(index[b, h][ok[b, h]].tolist()) == set(torch.topk(score, 3).indices.tolist())
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama")
-
-
-def ids(n, seed=0):
-    return torch.randint(1, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def generate(model, cache, prompt, n=6):
-    with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
 def test_full_rank_decodes_like_the_full_cache(model):
     prompt = ids(150)
     full = generate(model, CompressedCache(model, "none"), prompt)
@@ -135,12 +121,7 @@ def test_full_rank_decodes_like_the_full_cache(model):
 @pytest.mark.parametrize("tier", ["ram", "disk"])
 def test_ratio_bounds_what_is_hot(model, tier, tmp_path):
     spec = "shadowkv:rank=2,chunk=8,residual=8" + (f",tier=disk,dir={tmp_path}" if tier == "disk" else "")
-    cache = CompressedCache(model, spec, ratio=0.5)
-    cache.prefill(model, ids(400))
-    full = cache.full_nbytes()
-    hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8
-    generate(model, cache, torch.cat([ids(400), ids(1, 9)], -1), n=1)
-    per_step = cache.stats()["fetched_bytes_per_token"]
+    cache, hot, per_step, full = one_step(model, spec, 0.5)
     rebuilt = per_step  # every fetched value's key is rebuilt hot (same size at this model's dims)
     assert hot + per_step + rebuilt <= 0.5 * full, (hot, per_step, full)
     assert cache.nbytes(tier="cold") == full // 2 * (400 - 8) // 400  # values only, the window stays hot
