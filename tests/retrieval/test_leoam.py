@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
+from kvsqueeze import parse_method
 from kvsqueeze.core.tiers import paginate
 from kvsqueeze.retrieval.leoam import LeoAMBlock, chunk_ids
-from tests.retrieval.helpers import context, generate, ids, ragged, reference, tolerance
+from tests.retrieval.helpers import context, ragged, reference, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -140,18 +140,3 @@ def test_a_ram_tier_in_front_of_the_disk_holds_the_most_attended_chunks(tmp_path
     index, _, _ = tiered.select(q)
     hits = int((ram_slot.gather(-1, index[0]) >= 0).sum())
     assert hits > 0 and read == [2 * 24 - hits] * 2  # keys and values: only the misses come from disk
-
-
-@pytest.mark.parametrize(
-    ("spec", "ratio", "needle"),
-    [
-        ("leoam", 0.99, "no room"),
-        ("leoam:mass=0", None, "mass must be"),
-        ("leoam:warm=0.5", None, "add tier=disk"),
-        ("leoam:chunk=64,fetch=16", None, "cannot hold one"),
-    ],
-)
-def test_mistakes_are_one_line(model, spec, ratio, needle):
-    with pytest.raises(KVSqueezeError, match=needle) as err:
-        generate(model, CompressedCache(model, spec, ratio=ratio), ids(100), n=1)
-    assert "\n" not in str(err.value)

@@ -121,23 +121,6 @@ def test_eviction_then_retrieval(model):
     assert storage_bytes(blocks) > 0
 
 
-@pytest.mark.parametrize(
-    ("spec", "ratio", "needle"),
-    [
-        ("quest:page=8", 0.99, "no room"),
-        ("quest:page=0", None, "page must be"),
-        ("quest:tier=tape", None, "tier=ram or tier=disk"),
-        ("quest:tier=disk,dir=/nonexistent/kvsqueeze", None, "is not a directory"),
-        ("quest+kivi", None, "does not compose"),
-        ("h2o+quest+interval:every=4,budget=48", None, "prefill schedule"),
-    ],
-)
-def test_mistakes_are_one_line(model, spec, ratio, needle):
-    with pytest.raises(KVSqueezeError, match=needle) as err:
-        generate(model, CompressedCache(model, spec, ratio=ratio), ids(100), n=1)
-    assert "\n" not in str(err.value)
-
-
 def test_unwritable_directory_is_refused(model, tmp_path, monkeypatch):
     import kvsqueeze.core.tiers as tiers
 
