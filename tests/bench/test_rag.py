@@ -19,7 +19,7 @@ from kvsqueeze.cli import app
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import segmented_prompt
 from kvsqueeze.reuse import ape
-from kvsqueeze.reuse.rag import ChunkCaches, PrefixReuse, Request, parse_reuse
+from kvsqueeze.reuse.rag import COVERED, ChunkCaches, PrefixReuse, Request, parse_reuse
 from tests.bench.conftest import TinyProvider
 from tests.conftest import tiny_model
 
@@ -90,6 +90,22 @@ def test_ape_from_stored_chunks_is_ape_computed_now():
     a = forward(model, stored, request.tail, keep=1)
     b = forward(model, now, request.tail, keep=1)
     assert torch.equal(a, b)  # the store's round trip is bit for bit and the combination the same code
+
+
+def test_kvshare_is_warmed_until_its_index_holds_the_documents():
+    model = tiny_model("llama")
+    chunks = ChunkCaches(store.open("memory://"), model)
+    strategy = parse_reuse("kvshare")
+    first = _request(1, [_doc(20, 4), _doc(20, 5)])
+    strategy.warm(first, chunks)
+    assert chunks.misses == 1  # nothing held: one request with the documents in another order
+    strategy.warm(first, chunks)
+    assert chunks.misses == 1  # every document token is in the index now
+    partly = _request(2, [_doc(20, 4), _doc(20, 6)])  # one document held, one new
+    strategy.warm(partly, chunks)
+    assert chunks.misses == 2  # half the documents held is not "chunks in store"
+    _, matched = strategy.index(chunks).sources(partly.context_ids)
+    assert matched[partly.head.shape[-1] :].float().mean() >= COVERED
 
 
 def test_a_rag_sweep_reuses_chunks_across_samples_and_through_a_shared_store(tmp_path):
