@@ -84,3 +84,13 @@ def one_step(model, spec: str, ratio: float, n: int = 400):
     hot = cache.nbytes(tier="hot") - cache.tokens.numel() * 8  # the prefilled token ids are the cache's
     generate(model, cache, torch.cat([ids(n), ids(1, 9)], -1), n=1)
     return cache, hot, cache.stats()["fetched_bytes_per_token"], full
+
+
+def segments(x: torch.Tensor, lengths: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    """Flat ragged ``x [N, ...]`` ((row, head, token) order) split per (row, head) by ``lengths [B, H]``."""
+    out, start = {}, 0
+    for b, row in enumerate(lengths.tolist()):
+        for h, n in enumerate(row):
+            out[b, h] = x[start : start + n]
+            start += n
+    return out

@@ -11,7 +11,7 @@ from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.core.rope import rerope
 from kvsqueeze.retrieval.a2ats import ROPE, A2ATSBlock
 from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, ids, ragged, reference, tolerance
+from tests.retrieval.helpers import context, ids, ragged, reference, segments, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -26,15 +26,6 @@ def encode(spec, keys, values, lengths, keep=None, queries=None, at_zero=False) 
     ctx.queries = queries
     ctx.shared[ROPE] = (INV, 1.0)
     return parse_method(spec).codec.encode(keys, values, lengths, ctx)
-
-
-def segments(x, lengths):
-    out, start = {}, 0
-    for b, row in enumerate(lengths.tolist()):
-        for h, n in enumerate(row):
-            out[b, h] = x[start : start + n]
-            start += n
-    return out
 
 
 def queries(n=8, seed=9, spread=None):

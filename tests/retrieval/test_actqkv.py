@@ -21,15 +21,6 @@ def encode(spec, keys, values, lengths, queries=None, keep=None) -> ActQKVBlock:
     return parse_method(spec).codec.encode(keys, values, lengths, ctx)
 
 
-def segments(x, lengths):
-    out, start = {}, 0
-    for b, row in enumerate(lengths.tolist()):
-        for h, n in enumerate(row):
-            out[b, h] = x[start : start + n]
-            start += n
-    return out
-
-
 def test_activation_bias_is_the_distance_from_the_window_mean():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 2, 8, DIM, generator=g)  # [windows, G, n, D]

@@ -10,7 +10,7 @@ import torch
 from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.retrieval.icecache import IceCacheBlock
 from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, generate, ids, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, ragged, reference, segments, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -18,15 +18,6 @@ DIM = 16
 
 def encode(spec, keys, values, lengths, keep=None) -> IceCacheBlock:
     return parse_method(spec).codec.encode(keys, values, lengths, context(keys, lengths, keep))
-
-
-def segments(x, lengths):
-    out, start = {}, 0
-    for b, row in enumerate(lengths.tolist()):
-        for h, n in enumerate(row):
-            out[b, h] = x[start : start + n]
-            start += n
-    return out
 
 
 def pages_of(block: IceCacheBlock):

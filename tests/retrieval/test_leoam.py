@@ -10,7 +10,7 @@ import torch
 from kvsqueeze import parse_method
 from kvsqueeze.core.tiers import paginate
 from kvsqueeze.retrieval.leoam import LeoAMBlock, chunk_ids
-from tests.retrieval.helpers import context, ragged, reference, tolerance
+from tests.retrieval.helpers import context, ragged, reference, segments, tolerance
 
 LENGTHS = [[37, 50], [64, 9]]
 DIM = 16
@@ -21,15 +21,6 @@ def encode(spec, keys, values, lengths, queries=None, keep=None) -> LeoAMBlock:
     ctx.keys = paginate(keys, lengths, 1)[0][:, :, :, 0]  # [B, H, L, D], as the layer holds them
     ctx.queries = queries
     return parse_method(spec).codec.encode(keys, values, lengths, ctx)
-
-
-def segments(x, lengths):
-    out, start = {}, 0
-    for b, row in enumerate(lengths.tolist()):
-        for h, n in enumerate(row):
-            out[b, h] = x[start : start + n]
-            start += n
-    return out
 
 
 def reference_chunks(mass: list[float], per_chunk: float, longest: int) -> list[int]:

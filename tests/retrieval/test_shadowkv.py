@@ -10,7 +10,7 @@ from kvsqueeze import CompressedCache, KVSqueezeError, parse_method
 from kvsqueeze.core.rope import rerope, unrope
 from kvsqueeze.retrieval.shadowkv import ROPE, ShadowKVBlock
 from tests.conftest import tiny_model
-from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, tolerance
+from tests.retrieval.helpers import context, generate, ids, one_step, ragged, reference, segments, tolerance
 
 LENGTHS = [[44, 44], [30, 44]]
 DIM = 16
@@ -35,15 +35,6 @@ def encode(spec, keys, values, lengths, keep=None) -> ShadowKVBlock:
     ctx = context(keys, lengths, keep, positions=torch.arange(L)[None].expand(B, L))
     ctx.shared[ROPE] = (INV, 1.0)
     return parse_method(spec).codec.encode(keys, values, lengths, ctx)
-
-
-def segments(x, lengths):
-    out, start = {}, 0
-    for b, row in enumerate(lengths.tolist()):
-        for h, n in enumerate(row):
-            out[b, h] = x[start : start + n]
-            start += n
-    return out
 
 
 def test_rebuilt_keys_are_the_svd_reconstruction():
