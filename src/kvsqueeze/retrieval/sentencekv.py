@@ -144,9 +144,13 @@ class SentenceKVCodec(RetrievalCodec):
             )
         device, D, Dv = keys.device, keys.shape[-1], values.shape[-1]
         cap = min(self.max_sentence, self.fetch) if self.fetch else self.max_sentence
-        units = torch.stack(
-            [torch.from_numpy(sentence_units(ctx.tokenizer, row.tolist(), cap)) for row in ctx.tokens.cpu()]
-        )  # [B, L], on the host (prefill only)
+        key = ("sentencekv_units", cap)  # every layer of one pass has the same text: decoded once per pass
+        tokens = ctx.tokens.cpu()
+        memo = ctx.scratch.get(key)
+        if memo is None or not torch.equal(memo[0], tokens):
+            units = torch.stack([torch.from_numpy(sentence_units(ctx.tokenizer, row.tolist(), cap)) for row in tokens])
+            memo = ctx.scratch[key] = (tokens, units)  # [B, L], on the host (prefill only)
+        units = memo[1]
         B, H, _ = ctx.stored.shape
         flat = units.to(device)[:, None, :].expand(B, H, -1)[ctx.stored]  # [N] in the keys' order
         kp, counts = paginate(keys, lengths, 1)  # [B, H, P, 1, D]
