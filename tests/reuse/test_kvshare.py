@@ -43,12 +43,25 @@ def indexed(model, *prompts) -> kvshare.Index:
 
 def test_alignment_and_scheduling_by_hit_rate():
     a, b, c = ids(12, 1), ids(10, 2), ids(9, 3)
-    source = kvshare.align(torch.cat([b, a], -1)[0].tolist(), torch.cat([a, c], -1)[0].tolist(), 4)
+    source = kvshare.align(torch.cat([b, a], -1)[0], torch.cat([a, c], -1)[0], 4)
     assert torch.equal(source[:10], torch.full((10,), -1)) and torch.equal(source[10:], torch.arange(12))
     model = tiny_model("llama")
     index = indexed(model, torch.cat([a, c], -1))
     prompts = [torch.cat([b, ids(12, 9)], -1), torch.cat([b, a], -1), torch.cat([a, c], -1)]
     assert kvshare.schedule(index, prompts) == [2, 1, 0]
+
+
+def test_every_aligned_token_is_the_same_token_inside_a_shared_run_and_every_shared_run_is_aligned():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # a small vocabulary: many repeated runs
+        new, old = torch.randint(0, 3, (60,), generator=g), torch.randint(0, 3, (50,), generator=g)
+        source = kvshare.align(new, old, 3)
+        grams = {tuple(old[j : j + 3].tolist()) for j in range(48)}
+        for t in range(60):
+            shared = any(tuple(new[i : i + 3].tolist()) in grams for i in range(max(0, t - 2), min(t, 57) + 1))
+            assert (source[t] >= 0) == shared
+            if shared:
+                assert old[source[t]] == new[t]
 
 
 def test_all_or_nothing_recomputed_and_the_most_deviating_tokens_chosen():

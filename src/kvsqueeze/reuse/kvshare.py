@@ -5,7 +5,7 @@ Cross-request reuse: a new prompt is aligned with the cached prompts of earlier 
 the keys/values of the tokens that match, whatever their positions, recomputing only what deviates:
 
 - *alignment* (the paper's adaptive-length chunks): the token ids are matched against each cached request by
-  longest matching blocks (``difflib.SequenceMatcher``, blocks of at least ``min_match`` tokens); cached requests
+  shared ``min_match``-grams (runs of at least ``min_match`` equal tokens, found by hashing); cached requests
   serve by decreasing *hit rate* (matched fraction of the new prompt), each the tokens no better one covers;
   matched tokens take its keys (re-encoded from their old positions to their new ones) and values, unmatched
   tokens are computed;
@@ -18,15 +18,15 @@ the keys/values of the tokens that match, whatever their positions, recomputing 
 - *cache-aware scheduling*: :func:`schedule` orders a batch of requests by hit rate, highest first (their prefill
   is shortest, so the mean time to first token falls), ties kept in arrival order.
 
-Deviations: the paper's chunk lengths adapt to the edit distance; here they are difflib's matching blocks with a
-minimum length. Its continuous-batching integration is serving-engine work left out (a scheduled batch runs one
-request after another). The decode stage runs once, after the first generated token (the paper decides per step).
+Deviations: the paper's chunk lengths adapt to the edit distance; here a match is any run of at least
+``min_match`` tokens the cached request holds (a repeated run is taken from its first occurrence there). Its
+continuous-batching integration is serving-engine work left out (a scheduled batch runs one request after another).
+The decode stage runs once, after the first generated token (the paper decides per step).
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +63,8 @@ class Index:
         """Where each token of ``ids [1, L]`` is reused from: cached requests by decreasing hit rate, each filling the
         tokens no better-matching request covers; returns ``[(request, source positions [L], -1 elsewhere)]`` and
         the matched mask ``[L]``."""
-        new = ids[0].tolist()
-        aligned = [(c, align(new, c.ids[0].tolist(), self.min_match)) for c in self.requests]
+        new = ids[0].cpu()
+        aligned = [(c, align(new, c.ids[0], self.min_match)) for c in self.requests]
         aligned.sort(key=lambda cs: -int((cs[1] >= 0).sum()))
         matched = torch.zeros(len(new), dtype=torch.bool)
         out = []
@@ -76,22 +76,41 @@ class Index:
         return out, matched
 
 
-def align(new: list[int], old: list[int], min_match: int) -> torch.Tensor:
-    """Per token of ``new``, its position in ``old`` within a matching block of at least ``min_match`` tokens. Blocks
-    are found again among the tokens still unmatched (matched ones are masked), so pieces that moved past each other
-    (documents in another order) all match."""
-    source = torch.full((len(new),), -1, dtype=torch.long)
-    new, old = list(new), list(old)
-    while True:
-        found = False
-        for block in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_matching_blocks():
-            if block.size >= min_match:
-                source[block.b : block.b + block.size] = torch.arange(block.a, block.a + block.size)
-                for i in range(block.size):  # masked: never matched twice (distinct sentinels match nothing)
-                    new[block.b + i], old[block.a + i] = -1 - (block.b + i), -(1 << 40) - (block.a + i)
-                found = True
-        if not found:
-            return source
+MODULUS = 2_147_483_647  # a prime below 2**31: a gram's hash times a token id stays well inside int64
+BASE = 1_000_003
+
+
+def gram_hashes(ids: torch.Tensor, g: int) -> torch.Tensor:
+    """A polynomial hash modulo :data:`MODULUS` of every ``g``-gram of ``ids [n]`` (``[n - g + 1]``)."""
+    windows = ids.long().unfold(0, g, 1)
+    h = torch.zeros(windows.shape[0], dtype=torch.long)
+    for k in range(g):  # over the few tokens of a gram, vectorized over positions
+        h = (h * BASE + windows[:, k]) % MODULUS
+    return h
+
+
+def align(new: torch.Tensor, old: torch.Tensor, min_match: int) -> torch.Tensor:
+    """Per token of ``new [n]``, its position in ``old [m]`` within a matching block of at least ``min_match``
+    tokens, or -1. Every ``min_match``-gram of ``new`` that occurs in ``old`` is a match (at its first occurrence
+    there; found by hash, then checked token by token), so pieces that moved past each other (documents in another
+    order) all match; a token covered by several matched grams takes its position from the one that starts last."""
+    n, m, g = new.numel(), old.numel(), min_match
+    source = torch.full((n,), -1, dtype=torch.long)
+    if n < g or m < g:
+        return source
+    old_hash, order = torch.sort(gram_hashes(old, g), stable=True)  # equal hashes keep their first place first
+    new_hash = gram_hashes(new, g)
+    slot = torch.searchsorted(old_hash, new_hash).clamp(max=m - g)
+    at = order[slot]  # [n - g + 1] a candidate place in old of new's gram starting at i
+    found = old_hash[slot] == new_hash
+    offsets = torch.arange(g)
+    found &= (old[(at[:, None] + offsets).clamp(max=m - 1)] == new.unfold(0, g, 1)).all(dim=1)  # no collision
+    starts = torch.where(found, torch.arange(n - g + 1), -1)
+    last = torch.cummax(torch.cat([starts, starts.new_full((g - 1,), -1)]), dim=0).values  # latest start <= t
+    t = torch.arange(n)
+    covered = (last >= 0) & (t - last < g)
+    source[covered] = at[last[covered]] + (t - last)[covered]
+    return source
 
 
 def hit_rate(index: Index, ids: torch.Tensor) -> float:

@@ -249,7 +249,8 @@ class KVShareReuse:
             raise KVSqueezeError(f"kvshare: probe must be a layer index >= 0, got {self.probe}")
 
     def index(self, chunks: ChunkCaches) -> kvshare.Index:
-        return chunks.store.local.setdefault("kvshare", kvshare.Index())
+        """This setting's index (one per spec, so a sweep's kvshare variants never serve each other's outputs)."""
+        return chunks.store.local.setdefault(spec_of(self), kvshare.Index())
 
     def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
         index = self.index(chunks)
