@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvsqueeze import CompressedCache, KVSqueezeError
-from kvsqueeze.policies.epicache import EpiCache, allocate_budgets, embed, kmeans, layer_sensitivity, route
+from kvsqueeze.policies.epicache import (
+    EpiCache,
+    LexicalEmbedder,
+    allocate_budgets,
+    kmeans,
+    layer_sensitivity,
+    route,
+)
 from kvsqueeze.prompts import encode
 from tests.bench.conftest import CharTokenizer
 
@@ -35,7 +42,7 @@ def conversation(turns: int = 24) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def epi(model):
-    return EpiCache(model, CharTokenizer(), budget=BUDGET, block=BLOCK, patch=PATCH, episodes=3,
+    return EpiCache(model, CharTokenizer(), budget=BUDGET, block=BLOCK, patch=PATCH, episodes=3, embedder="hidden",
                     calibration_tokens=128).prefill(conversation())  # fmt: skip
 
 
@@ -66,12 +73,45 @@ def test_without_blocks_the_peak_is_the_whole_conversation(model, epi):
 def test_question_is_routed_to_the_nearest_centroid(model, epi):
     tok = CharTokenizer()
     for question in ("apples grow on trees?", "ships sail the seas?", "stars shine at night?", "note 7"):
-        q = embed(model, [encode(tok, question)])[0]
+        q = epi.embed([encode(tok, question)])[0]
         cos = [float(F.cosine_similarity(q, e.centroid, dim=0)) for e in epi.episodes]
         assert epi.route(question) == max(range(len(cos)), key=cos.__getitem__)
     centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     assert route(torch.tensor([0.1, 5.0]), centroids) == 1
     assert route(torch.tensor([-3.0, 1.0]), centroids) == 2  # cosine, not distance: the scale does not matter
+
+
+def test_lexical_embedding_is_tf_idf_and_routes_by_the_rare_tokens_a_question_shares():
+    segments = [[1, 2, 2, 9], [1, 3, 3, 9], [1, 5, 6, 9], [1, 2, 4, 4, 4, 9]]  # 1 and 9 in every segment
+    lex = LexicalEmbedder.fit(segments)
+    emb = lex(segments)
+
+    def col(token: int) -> int:
+        return int(torch.searchsorted(lex.vocab, torch.tensor(token)))
+
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-6)
+    assert float(emb[:, col(1)].abs().max()) == 0.0 and float(emb[:, col(9)].abs().max()) == 0.0  # idf log(4/4)
+    assert torch.isclose(lex.idf[col(2)], torch.log(torch.tensor(2.0))) and float(emb[0, col(2)]) == 1.0
+    expected = (1 + torch.log(torch.tensor(3.0))) * torch.log(torch.tensor(4.0)) / torch.log(torch.tensor(2.0))
+    assert torch.isclose(emb[3, col(4)] / emb[3, col(2)], expected)  # sublinear tf (3 times), df 1 vs 2
+    assert torch.allclose(emb[2, [col(5), col(6)]], torch.full((2,), 0.5**0.5))
+    for k, question in enumerate(([1, 9, 2, 2], [9, 3, 77], [6, 1])):  # 77: a token the conversation never holds
+        assert route(lex([question])[0], emb) == k
+
+
+def test_lexical_episodes_are_the_topics_and_questions_go_to_their_topic(model):
+    topics = ("abab baba ", "cdcd dcdc ", "efef fefe ")
+    messages = []
+    for i in range(18):
+        messages += [{"role": "user", "content": topics[i % 3] * 2}, {"role": "assistant", "content": "ok"}]
+    epi = EpiCache(model, CharTokenizer(), budget=BUDGET, block=BLOCK, patch=PATCH, episodes=3,
+                   calibration_tokens=128).prefill(messages)  # fmt: skip
+    assert len(epi.episodes) == 3
+    for e in epi.episodes:  # segment j holds topic j % 3
+        assert len({j % 3 for j in e.members}) == 1
+    for k, question in enumerate(("ab?", "cd?", "ef?")):
+        routed = epi.episodes[epi.route(question)]
+        assert {j % 3 for j in routed.members} == {k}
 
 
 def test_episodes_keep_what_their_own_patched_prompt_attends_to(epi):
@@ -113,6 +153,8 @@ def test_kmeans_is_deterministic_and_finds_separated_clusters():
 def test_bad_inputs_are_one_line(model):
     with pytest.raises(KVSqueezeError, match="ratio"):
         EpiCache(model, CharTokenizer())
+    with pytest.raises(KVSqueezeError, match="embedder must be one of"):
+        EpiCache(model, CharTokenizer(), ratio=0.5, embedder="bert")
     with pytest.raises(KVSqueezeError, match="half the block"):
         EpiCache(model, CharTokenizer(), ratio=0.5, block=32, patch=32)
     cache = CompressedCache(model, "epicache", ratio=0.5)

@@ -20,9 +20,15 @@ A long conversation is answered under a fixed KV budget:
 4. **Routing**: a question is embedded like the segments and answered from the cache of the episode whose centroid
    is nearest in cosine.
 
+k-means runs on the embeddings as they come (the lexical ones are unit vectors, so it clusters by cosine).
+
 Deviations from the paper:
-- The embedder is the served LM itself: the mean hidden state of layer ``embed_layer`` (default: the middle one)
-  over the segment's tokens, each segment run alone — not a separate sentence encoder (none ships offline).
+- No sentence encoder ships offline, so the default embedder (``embedder="lexical"``) is TF-IDF over token ids: a
+  segment's vector holds ``(1 + log tf) · log(N / df)`` for each token id of the conversation (``N`` segments,
+  ``df`` the segments holding the token), unit-normalized; a question is embedded with the conversation's IDF.
+  ``embedder="hidden"`` uses the served LM instead: the mean hidden state of layer ``embed_layer`` (default: the
+  middle one) over the segment's tokens, each segment run alone (measured on ``convqa``: it sends every question
+  to one episode, see ``docs/results/convqa``).
 - The sensitivity is measured per layer in isolation (the layer's own attention output with its keys evicted,
   other layers exact) on the attention output, not on the key states of later layers under a block-prefill mask.
 - The patched prompt is the medoid segment's first ``patch`` tokens (the paper uses the whole medoid segment).
@@ -52,6 +58,7 @@ from kvsqueeze.schedules.blockwise import DEFERRED, prefill_blocks
 from kvsqueeze.spec import register
 from kvsqueeze.validation import check_budget, check_ratio
 
+EMBEDDERS = ("lexical", "hidden")  # how segments and questions are embedded (module docstring)
 FOREIGN = "epicache.foreign"  # shared_state key: the queries a compression sees sit after every held token
 
 
@@ -128,6 +135,39 @@ def route(embedding: torch.Tensor, centroids: torch.Tensor) -> int:
     """The episode whose centroid is nearest to ``embedding [D]`` in cosine."""
     cos = F.normalize(centroids.float(), dim=-1) @ F.normalize(embedding.float(), dim=-1)
     return int(cos.argmax())
+
+
+@dataclass
+class LexicalEmbedder:
+    """TF-IDF over token ids, fitted on a conversation's segments: ``(1 + log tf) · log(N / df)``, unit-normalized,
+    over the token ids the segments hold (a question's other tokens carry no weight)."""
+
+    vocab: torch.Tensor  # [V] the distinct token ids of the segments, sorted
+    idf: torch.Tensor  # [V]
+
+    @classmethod
+    def fit(cls, token_lists: list[list[int]]) -> LexicalEmbedder:
+        if not token_lists or any(len(t) == 0 for t in token_lists):
+            raise KVSqueezeError("the lexical embedder needs non-empty token lists")
+        vocab = torch.unique(torch.cat([torch.tensor(t, dtype=torch.long) for t in token_lists]))
+        empty = cls(vocab, torch.ones(vocab.numel()))
+        df = (empty.counts(token_lists) > 0).sum(0).float()
+        return cls(vocab, torch.log(len(token_lists) / df))
+
+    def counts(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """``[N, V]``: how often each of the vocabulary's token ids occurs in each list."""
+        out = torch.zeros(len(token_lists), self.vocab.numel())
+        for row, tokens in enumerate(token_lists):  # setup-time loop over the segments
+            t = torch.tensor(tokens, dtype=torch.long)
+            slot = torch.searchsorted(self.vocab, t).clamp(max=self.vocab.numel() - 1)
+            known = self.vocab[slot] == t
+            out[row] = torch.bincount(slot[known], minlength=self.vocab.numel()).float()
+        return out
+
+    def __call__(self, token_lists: list[list[int]]) -> torch.Tensor:
+        tf = self.counts(token_lists)
+        weights = torch.where(tf > 0, 1.0 + torch.log(tf.clamp(min=1.0)), 0.0) * self.idf
+        return F.normalize(weights, dim=-1)
 
 
 def embed(model, token_lists: list[list[int]], layer: int | None = None, batch: int = 16) -> torch.Tensor:
@@ -225,7 +265,8 @@ class EpiCache:
 
     def __init__(self, model, tokenizer, ratio: float | None = None, budget: int | None = None, episodes: int = 4,
                  block: int = 256, patch: int = 64, segment: int = 2, alpha: float = 1.0, kernel: int = 5,
-                 seed: int = 0, embed_layer: int | None = None, calibration_tokens: int = 512,
+                 seed: int = 0, embedder: str = "lexical", embed_layer: int | None = None,
+                 calibration_tokens: int = 512,
                  sensitivity: list[float] | None = None, max_new_tokens: int = 32):  # fmt: skip
         self.ratio, self.budget = check_ratio(ratio), check_budget(budget)
         if (self.ratio is None) == (self.budget is None):
@@ -233,11 +274,15 @@ class EpiCache:
         for name, value in (("episodes", episodes), ("block", block), ("patch", patch), ("segment", segment)):
             if not isinstance(value, int) or value < 1:
                 raise KVSqueezeError(f"EpiCache {name} must be a positive whole number, got {value!r}")
+        if embedder not in EMBEDDERS:
+            raise KVSqueezeError(f"EpiCache embedder must be one of {', '.join(EMBEDDERS)}, got {embedder!r}")
         if patch * 2 > block:
             raise KVSqueezeError(f"EpiCache patch ({patch}) must be at most half the block ({block}): raise block")
         self.model, self.tokenizer = model, tokenizer
         self.n_episodes, self.block, self.patch, self.segment = episodes, block, patch, segment
         self.alpha, self.kernel, self.seed, self.embed_layer = alpha, kernel, seed, embed_layer
+        self.embedder = embedder
+        self.lexical: LexicalEmbedder | None = None
         self.calibration_tokens, self.max_new_tokens = calibration_tokens, max_new_tokens
         self.sensitivity = sensitivity
         self.episodes: list[Episode] = []
@@ -268,7 +313,9 @@ class EpiCache:
         step = self.segment
         segments = [[t for m in per_message[i : i + step] for t in m] for i in range(0, len(per_message), step)]
         segments = [s for s in segments if s] or [self.ids]
-        emb = embed(self.model, segments, self.embed_layer)
+        if self.embedder == "lexical":
+            self.lexical = LexicalEmbedder.fit(segments)
+        emb = self.embed(segments)
         labels, centroids = kmeans(emb, self.n_episodes, self.seed)
         centres = medoids(emb, labels, centroids)
         self.episodes = []
@@ -281,6 +328,12 @@ class EpiCache:
             cache = self.build(patch)
             self.episodes.append(Episode(cache, centroids[e], medoid, members, patch))
         return self
+
+    def embed(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """``[N, D]`` embeddings of ``token_lists`` by this cache's embedder (the lexical one fitted at prefill)."""
+        if self.embedder == "lexical":
+            return self.lexical(token_lists)
+        return embed(self.model, token_lists, self.embed_layer)
 
     def build(self, patch: list[int]) -> CompressedCache:
         """One episode's cache: the conversation prefilled block-wise, scored after each block by ``patch``."""
@@ -318,7 +371,7 @@ class EpiCache:
         """Index of the episode whose centroid is nearest (cosine) to the question's embedding."""
         if not self.episodes:
             raise KVSqueezeError("call EpiCache.prefill(messages) before asking")
-        q = embed(self.model, [encode(self.tokenizer, question) or [0]], self.embed_layer)[0]
+        q = self.embed([encode(self.tokenizer, question) or [0]])[0]
         return route(q, torch.stack([e.centroid for e in self.episodes]))
 
     def question_ids(self, question: str, answer_prefix: str = "") -> list[int]:
