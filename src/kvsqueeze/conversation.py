@@ -10,9 +10,16 @@
   the history is recompressed to the budget whenever a turn brings more than it holds (the cache stays bounded
   across turns, scored by the newest turn's queries); codecs compress what each turn adds; ``none`` is the exact
   full cache.
+- With ``store=`` and ``name=`` a conversation outlives its process: after every turn its cache and a record (the
+  messages, the token ids the cache holds, the method) are put in the store (:mod:`kvsqueeze.store`: a directory,
+  Redis for many machines), and ``Conversation(…, store=, name=)`` elsewhere resumes it where it stopped. A cache
+  the store has dropped (``max_bytes``, ``ttl``) is rebuilt by prefilling the recorded token ids.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import torch
 
@@ -21,6 +28,7 @@ from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.prompts import encode
 from kvsqueeze.spec import parse_method
+from kvsqueeze.store import Store, namespace
 
 ROLES = ("system", "user", "assistant")
 PLAIN = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -137,7 +145,8 @@ class Conversation:
     holds the turns so far (with ``system`` first when given); ``ids`` the token ids the cache holds."""
 
     def __init__(self, model, tokenizer, method: str = "none", budget: int | None = None, ratio: float | None = None,
-                 system: str | None = None, max_new_tokens: int = 64):  # fmt: skip
+                 system: str | None = None, max_new_tokens: int = 64, store: Store | None = None,
+                 name: str | None = None):  # fmt: skip
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
         parsed = conversation_method(method, budget)
         is_decoding = parsed.schedule.name != "prefill"
@@ -146,6 +155,46 @@ class Conversation:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.ids: list[int] = []
         self.eos = eos_ids(model, tokenizer)
+        if (store is None) != (name is None):
+            raise KVSqueezeError("a stored conversation needs both store=… and name=… (the name it is kept under)")
+        self.store, self.name, self.cache_key = store, name, None
+        self.resumed = False
+        if store is not None:
+            self.resume()
+
+    def record_key(self) -> str:
+        """Where the store keeps this conversation's record (its messages, token ids, method, cache key)."""
+        digest = hashlib.sha256(self.name.encode()).hexdigest()[:32]
+        return f"conversation-{namespace(self.model, self.cache.method)}-{digest}"
+
+    def resume(self) -> None:
+        """Continue the stored conversation of this name, if the store holds one for this model and method."""
+        blob = self.store.backend.get(self.record_key())
+        if blob is None:
+            return
+        try:
+            record = json.loads(blob)
+            messages, ids, key = record["messages"], [int(t) for t in record["ids"]], record["cache"]
+            check_messages(messages)
+        except (ValueError, KeyError, TypeError) as err:
+            raise KVSqueezeError(
+                f"the stored record of conversation {self.name!r} is corrupt ({err}): delete it from the store"
+            ) from err
+        cache = self.store.load(key, self.model, self.tokenizer)
+        if cache is None:  # dropped by the store: rebuilt from the recorded tokens
+            cache = self.cache
+            if ids:
+                cache.prefill(self.model, torch.tensor([ids]))
+        self.cache, self.messages, self.ids, self.cache_key, self.resumed = cache, messages, ids, key, True
+
+    def keep(self) -> None:
+        """Put this turn's cache and the conversation's record in the store (the previous turn's cache is dropped)."""
+        key = self.store.save(self.cache, self.model, torch.tensor([self.ids]))
+        record = {"messages": self.messages, "ids": self.ids, "cache": key, "method": self.cache.method.spec()}
+        self.store.backend.put(self.record_key(), json.dumps(record).encode())
+        if self.cache_key is not None and self.cache_key != key:
+            self.store.backend.delete(self.cache_key)
+        self.cache_key = key
 
     def say(self, text: str, max_new_tokens: int | None = None) -> str:
         """Append a user turn, generate the reply greedily from the cache, keep both; returns the reply's text."""
@@ -156,6 +205,8 @@ class Conversation:
         reply = self.tokenizer.decode([t for t in out if t not in self.eos], skip_special_tokens=True)
         self.ids += new + out
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if self.store is not None:
+            self.keep()
         return reply
 
     def nbytes(self) -> int:

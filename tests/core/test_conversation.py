@@ -87,3 +87,47 @@ def test_render_uses_the_chat_template_when_there_is_one():
     assert question_ids(Templated(), messages, "q?") == Templated().encode("<user>q?</><assistant>")
     with pytest.raises(KVSqueezeError, match="messages"):
         pieces(CharTokenizer(), [{"role": "robot", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    "method,budget", [("none", None), ("snapkv:window=8", 48), ("kivi:bits=2,residual=8,group=8", None)]
+)
+def test_a_stored_conversation_resumes_elsewhere_as_if_it_had_never_stopped(model, tmp_path, method, budget):
+    from kvsqueeze.store import open as open_store
+
+    tok = CharTokenizer()
+    alone = Conversation(model, tok, method, budget=budget, max_new_tokens=6)
+    replies = [alone.say(text) for text in TURNS]
+    first = Conversation(model, tok, method, budget=budget, max_new_tokens=6, store=open_store(tmp_path), name="ana")
+    assert not first.resumed
+    assert [first.say(text) for text in TURNS[:2]] == replies[:2]
+    store = open_store(tmp_path)  # another process: a fresh store object over the same directory
+    second = Conversation(model, tok, method, budget=budget, max_new_tokens=6, store=store, name="ana")
+    assert second.resumed and second.ids == first.ids and second.messages == first.messages
+    assert [second.say(text) for text in TURNS[2:]] == replies[2:]
+    assert second.ids == alone.ids
+    for mine, ref in zip(second.cache.layers, alone.cache.layers, strict=True):  # the same computation: exact
+        assert torch.equal(mine.keys, ref.keys) and torch.equal(mine.values, ref.values)
+    assert len(store) == 2  # the latest turn's cache and the record: earlier turns' caches are dropped
+    other = Conversation(model, tok, method, budget=budget, store=store, name="bo")
+    assert not other.resumed and other.ids == []
+
+
+def test_a_dropped_cache_is_rebuilt_and_bad_stored_conversations_are_one_line(model, tmp_path):
+    from kvsqueeze.store import open as open_store
+
+    tok = CharTokenizer()
+    store = open_store(tmp_path)
+    conv = Conversation(model, tok, "none", max_new_tokens=4, store=store, name="ana")
+    conv.say(TURNS[0])
+    store.backend.delete(conv.cache_key)  # evicted by max_bytes or a ttl
+    again = Conversation(model, tok, "none", max_new_tokens=4, store=store, name="ana")
+    assert again.resumed and again.cache.get_seq_length() == len(conv.ids)
+    uninterrupted = Conversation(model, tok, "none", max_new_tokens=4)
+    uninterrupted.say(TURNS[0])
+    assert again.say(TURNS[1]) == uninterrupted.say(TURNS[1])  # float64: a prefill and turn-by-turn agree
+    with pytest.raises(KVSqueezeError, match="both store"):
+        Conversation(model, tok, "none", store=store)
+    store.backend.put(again.record_key(), b"{not json")
+    with pytest.raises(KVSqueezeError, match="corrupt"):
+        Conversation(model, tok, "none", store=store, name="ana")
