@@ -11,7 +11,7 @@ from kvsqueeze import KVSqueezeError
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.runner import SweepConfig, parse_methods, read_rows, run_sweep
 from kvsqueeze.bench.tasks import TaskSpec, generate, parse_tasks
-from kvsqueeze.bench.tasks.convqa import QUESTIONS, messages_of
+from kvsqueeze.bench.tasks.convqa import QUESTIONS, SESSIONS, messages_of
 from kvsqueeze.conversation import render
 from tests.bench.conftest import TinyProvider
 from tests.conftest import TINY
@@ -52,6 +52,27 @@ def test_generator_is_deterministic_and_states_every_fact_in_the_history(chars):
             assert answer not in q.text and answer not in q.answer_prefix  # the question does not give it away
             assert scoring.match(f" {answer}.", q.answers) == 1.0
             assert scoring.match(" Something else.", q.answers) == 0.0
+
+
+def test_topical_sessions_are_about_one_person_whose_facts_they_state(chars):
+    for sample in generate(TaskSpec("convqa", "topical"), chars, samples=2, length=2 * LENGTH, seed=0):
+        messages = messages_of(sample)
+        opens = [i for i, m in enumerate(messages) if m["content"].startswith("Let us talk about my friend ")]
+        assert len(opens) == SESSIONS and opens[0] == 0
+        sessions = [messages[a:b] for a, b in zip(opens, [*opens[1:], len(messages)], strict=True)]
+        people = [s[0]["content"].removeprefix("Let us talk about my friend ").split(",")[0] for s in sessions]
+        assert len(set(people)) == SESSIONS
+        for person, session in zip(people, sessions, strict=True):
+            for m in session[2::2]:  # every passage turn names the session's person
+                assert m["role"] == "user" and m["content"].startswith(f"{person} read this to me: ")
+        asked = [next(p for p in people if p in q.text) for q in sample.questions]
+        assert sorted(asked.count(p) for p in people) == [1, 1, 2, 2]  # six facts over four people
+        for q, person in zip(sample.questions, asked, strict=True):
+            (answer,) = q.answers
+            holder = [k for k, session in enumerate(sessions) if any(answer in m["content"] for m in session)]
+            assert holder == [people.index(person)]  # stated in its person's session only
+    plain = generate(TaskSpec("convqa"), chars, samples=1, length=LENGTH, seed=0)[0]
+    assert "read this to me" not in plain.context
 
 
 def test_too_short_or_an_option_is_refused(chars):

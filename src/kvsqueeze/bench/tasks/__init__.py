@@ -50,7 +50,7 @@ DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], No
     "infinitebench": (infinitebench.generate, infinitebench.validate),
     "ruler": (ruler_hf.generate, ruler_hf.validate),
 }
-OPTIONS = {"niah": niah.OPTIONS, "rag": rag.OPTIONS, "scbench": scbench.OPTIONS}
+OPTIONS = {"niah": niah.OPTIONS, "rag": rag.OPTIONS, "scbench": scbench.OPTIONS, "convqa": convqa.OPTIONS}
 TASK_NAMES = (*GENERATORS, "file:PATH.jsonl", "longbench:DATASET", "infinitebench:TASK", "ruler:DATASET_ID")
 # Part of every cell key: bump a task's version when its generator changes what a sample means (the sample's
 # content hash, also in the key, catches changed text; this catches e.g. a changed scoring rule for the task).

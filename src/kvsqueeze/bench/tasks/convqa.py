@@ -9,6 +9,11 @@ Velum has a dog called Oyster.``) are appended to passages in random sessions, e
 history each fact is asked in other words (``What is the name of the dog of Tarn Velum?``, answer prefix ``The dog
 of Tarn Velum is called``). Answers are words (SmolLM2 copies numbers digit by digit, a stress case for selection).
 
+``convqa:topical`` makes each session about one invented person, as LongConvQA's episodes are topical: the user
+opens it with that person (``Let us talk about my friend Tarn Velum.``), every passage turn names them (``Tarn
+Velum read this to me: …``), and the facts asked later are about the session's person (facts 1–4 about the four
+people, 5 and 6 about the first two again, each stated in its person's session).
+
 The dialogue is kept as ``documents``: the messages' contents, alternately user and assistant (``meta["roles"]``);
 ``context`` is the same dialogue as ``Role: content`` lines (what a digest and a reader see). Questions are asked
 independently of each other after the history (the ``convqa`` evaluator); each is scored by ``string_match_all``
@@ -28,6 +33,7 @@ from kvsqueeze.prompts import encode
 SESSIONS = 4
 QUESTIONS = 6
 PASSAGE_TOKENS = 90
+OPTIONS = ("topical",)
 MIN_LENGTH = 1536  # room for six passage turns (two per session) that each state a fact
 QUESTION_ROOM = 64  # tokens left after the history for the question, the reply opening and the answer
 TURN_OVERHEAD = 8  # tokens a chat template adds around a message (the measured total is checked after)
@@ -79,25 +85,40 @@ def passages(tokenizer, rng: random.Random, source: int, n: int, paragraphs) -> 
     return topic, out or [". ".join(sentences)]
 
 
-def draw_facts(rng: random.Random, words, answers) -> list[tuple[str, str, str, str]]:
-    """``QUESTIONS`` facts ``(statement, question, answer prefix, answer)``, every word new in the sample."""
+def draw_facts(rng: random.Random, words, answers, topical: bool = False
+               ) -> tuple[list[tuple[str, str, str, str]], list[str]]:  # fmt: skip
+    """``QUESTIONS`` facts ``(statement, question, answer prefix, answer)``, every word new in the sample, and the
+    people's names; with ``topical`` fact ``k`` is about person ``k % SESSIONS``."""
     used: set[str] = set()
+
+    def fresh(n: int) -> list[str]:
+        while True:
+            picked = [rng.choice(words) for _ in range(n - 1)] + [rng.choice(answers)]
+            if len(set(picked) | used) == len(used) + n:
+                used.update(picked)
+                return picked
+
+    names: list[str] = []
     facts = []
     for k in range(QUESTIONS):
-        while True:
-            first, last, answer = rng.choice(words), rng.choice(words), rng.choice(answers)
-            if len({first, last, answer} | used) == len(used) + 3:
-                break
-        used.update((first, last, answer))
-        name, answer = f"{first.capitalize()} {last.capitalize()}", answer.capitalize()
-        state, ask, prefix = FACTS[k % len(FACTS)]
+        if topical and k >= SESSIONS:
+            (answer,) = fresh(1)
+            name, template = names[k % SESSIONS], (k + k // SESSIONS) % len(FACTS)  # another fact of that person
+        else:
+            first, last, answer = fresh(3)
+            name, template = f"{first.capitalize()} {last.capitalize()}", k % len(FACTS)
+            names.append(name)
+        answer = answer.capitalize()
+        state, ask, prefix = FACTS[template]
         facts.append((state.format(name=name, word=answer), ask.format(name=name), prefix.format(name=name), answer))
-    return facts
+    return facts, names
 
 
-def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs) -> list[str]:
+def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs, people: list[str] | None = None
+             ) -> list[str]:  # fmt: skip
     """The messages' contents (user, assistant, …): ``SESSIONS`` sessions of passages within ``budget`` tokens,
-    each fact appended to a different passage turn."""
+    each fact appended to a different passage turn (with ``people``, session ``s`` is about ``people[s]`` and fact
+    ``k`` goes to a turn of session ``k % SESSIONS``)."""
 
     def cost(text: str) -> int:
         return len(encode(tokenizer, text)) + TURN_OVERHEAD
@@ -109,6 +130,10 @@ def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs) -> l
     for s in range(SESSIONS):
         topic, texts = passages(tokenizer, rng, first_source + s, quota // (PASSAGE_TOKENS // 2) + 2, paragraphs)
         messages = [f"Let us talk about {topic}.", "Gladly, share what you are reading."]
+        if people:
+            person = people[s]
+            messages = [f"Let us talk about my friend {person}, who reads {topic}.", f"Gladly, tell me about {person}."]
+            texts = [f"{person} read this to me: {text}" for text in texts]
         used = sum(cost(m) for m in messages)
         for text in texts:
             ack = ACKS[rng.randrange(len(ACKS))]
@@ -123,14 +148,26 @@ def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs) -> l
             f"the context length leaves {len(turns)} passage turns for {QUESTIONS} facts; use at "
             f"least {MIN_LENGTH} tokens"
         )
-    for mention, (s, j) in zip(mentions, rng.sample(turns, QUESTIONS), strict=True):
+    if people:  # fact k in session k % SESSIONS, each in a different turn
+        chosen = []
+        for k in range(QUESTIONS):
+            own = [t for t in turns if t[0] == k % SESSIONS and t not in chosen]
+            if not own:
+                raise KVSqueezeError(
+                    f"the context length leaves too few passage turns per person; use at least {MIN_LENGTH} tokens"
+                )
+            chosen.append(own[rng.randrange(len(own))])
+    else:
+        chosen = rng.sample(turns, QUESTIONS)
+    for mention, (s, j) in zip(mentions, chosen, strict=True):
         sessions[s][j] += mention
     return [m for messages in sessions for m in messages]
 
 
 def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | None = None) -> list[Sample]:
-    if option is not None:
-        raise KVSqueezeError(f"convqa takes no option, got {option!r}")
+    if option not in (None, *OPTIONS):
+        raise KVSqueezeError(f"unknown convqa option {option!r}; valid: {', '.join(OPTIONS)}")
+    topical = option == "topical"
     budget = length - QUESTION_ROOM
     if length < MIN_LENGTH:
         raise KVSqueezeError(f"context length {length} is too short for convqa; use at least {MIN_LENGTH}")
@@ -140,8 +177,8 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
     out = []
     for i in range(samples):
         rng = rng_for("convqa", length, seed, i)
-        facts = draw_facts(rng, words, answers)
-        messages = dialogue(tokenizer, rng, budget, facts, paragraphs)
+        facts, people = draw_facts(rng, words, answers, topical)
+        messages = dialogue(tokenizer, rng, budget, facts, paragraphs, people if topical else None)
         order = list(facts)
         rng.shuffle(order)
         questions = tuple(Question(ask, (answer,), prefix, max_new_tokens=len(encode(tokenizer, " " + answer)) + 4)
@@ -150,12 +187,18 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
         out.append(
             Sample(
                 task="convqa",
-                id=f"{length}/{i:04d}",
+                id=f"{length}/{i:04d}" if not topical else f"{length}/topical/{i:04d}",
                 kind="convqa",
                 context="\n".join(f"{roles[j % 2]}: {m}" for j, m in enumerate(messages)),
                 questions=questions,
                 documents=tuple(messages),
-                meta={"length": length, "turns": len(messages), "sessions": SESSIONS, "roles": "user-assistant"},
+                meta={
+                    "length": length,
+                    "turns": len(messages),
+                    "sessions": SESSIONS,
+                    "roles": "user-assistant",
+                    **({"topical": True} if topical else {}),
+                },
             )
         )
     return out
