@@ -19,7 +19,7 @@ import torch
 
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.capture import build_cache, capture_prefill, eos_ids, forward, greedy
-from kvsqueeze.bench.tasks import TaskSpec, generate
+from kvsqueeze.bench.tasks import generate, parse_tasks
 from kvsqueeze.models import load_model
 from kvsqueeze.prompts import prompt_ids
 
@@ -31,14 +31,18 @@ def main() -> None:
     ap.add_argument("--methods", default="quest,a2ats,actqkv,icecache")
     ap.add_argument("--ratios", default="0.75,0.875")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--task", default="niah:single-words", help="a niah variant with one scored question")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
     eos = eos_ids(model, tok)
-    cells = [("none", None)] + [(m, float(r)) for m in args.methods.split(",") for r in args.ratios.split(",")]
+    methods = [m for m in args.methods.split(",") if m and m != "none"]  # "none": the full cache only
+    cells = [("none", None)] + [(m, float(r)) for m in methods for r in args.ratios.split(",")]
     rows = []
-    for sample in generate(TaskSpec("niah", "single-words"), tok, samples=args.samples, length=args.length, seed=0):
+    (task,) = parse_tasks(args.task)
+    for sample in generate(task, tok, samples=args.samples, length=args.length, seed=args.seed):
         q = sample.questions[0]
         ctx, question = prompt_ids(tok, sample.context, q.text, q.answer_prefix)
         prefill = capture_prefill(model, ctx)
@@ -59,8 +63,9 @@ def main() -> None:
             text = tok.decode(out.tokens, skip_special_tokens=True).strip()
             steps = meter.tokens - before[1]
             fetched = (meter.fetched_bytes - before[0]) / steps if steps else 0.0  # per decoding step
-            rows.append({"sample": sample.id, "method": spec, "ratio": ratio, "score": scoring.match(text, q.answers),
-                         "hot_fraction": (hot + fetched) / full, "hot_bytes": hot, "fetched_per_token": fetched,
+            rows.append({"sample": sample.id, "seed": args.seed, "method": spec, "ratio": ratio,
+                         "score": scoring.match(text, q.answers), "hot_fraction": (hot + fetched) / full,
+                         "hot_bytes": hot, "fetched_per_token": fetched,
                          "full_bytes": full, "output": text, "seconds": time.perf_counter() - start})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     if args.out:

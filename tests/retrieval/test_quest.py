@@ -127,3 +127,43 @@ def test_unwritable_directory_is_refused(model, tmp_path, monkeypatch):
     monkeypatch.setattr(tiers.os, "access", lambda path, mode: False)  # as a user without write permission
     with pytest.raises(KVSqueezeError, match="not writable"):
         generate(model, CompressedCache(model, f"quest:tier=disk,dir={tmp_path}"), ids(50), n=1)
+
+
+def test_8_bit_summaries_still_bound_every_key_at_a_quarter_of_the_bytes():
+    keys, values, lengths = ragged(LENGTHS, seed=1)
+    block = encode("quest:page=8,summary_bits=8", keys, values, lengths)
+    exact = encode("quest:page=8", keys, values, lengths)
+    assert block.kmin.dtype == block.kmax.dtype == torch.uint8
+    assert block.kmin.untyped_storage().nbytes() * 4 == exact.kmin.untyped_storage().nbytes()
+    q = torch.randn(2, 2, 3, 16, generator=torch.Generator().manual_seed(2)) * 3
+    bounds, tight = block.bounds(q), exact.bounds(q)
+    for (b, h), pages in pages_of(keys, lengths, 8).items():
+        for p, seg in enumerate(pages):
+            assert (q[b, h] @ seg.T).max(-1).values.le(bounds[b, h, :, p] + 1e-5 * bounds.abs().max()).all()
+    real = (exact.counts > 0)[:, :, None].expand_as(tight)
+    assert (bounds[real] >= tight[real] - 1e-5 * tight.abs().max()).all()  # looser, never tighter
+    assert (bounds[real] - tight[real]).abs().max() < 0.05 * tight.abs().max()  # but close
+
+
+@pytest.mark.parametrize("fetch", [16, 40])  # 2 tokens x 2 pages <= 8 pages; 2 x 5 > 8: all pages, masked
+def test_each_token_of_a_forward_attends_its_own_pages_as_if_decoded_alone(fetch):
+    keys, values, lengths = ragged(LENGTHS, seed=7)
+    block = encode(f"quest:page=8,fetch={fetch}", keys, values, lengths)
+    G, T = 3, 2
+    q = torch.randn(2, 2, G, T, 16, generator=torch.Generator().manual_seed(8)) * 2
+    out, lse = block.attend_at(q.flatten(2, 3), 0.25, 0, T)  # grouped rows: query head major
+    for t in range(T):
+        alone, alone_lse = block.attend(q[:, :, :, t], 0.25)
+        got = out.view(2, 2, G, T, -1)[:, :, :, t]
+        torch.testing.assert_close(got, alone, atol=tolerance(torch.float32), rtol=tolerance(torch.float32))
+        torch.testing.assert_close(lse.view(2, 2, G, T)[:, :, :, t], alone_lse, atol=1e-5, rtol=1e-5)
+    step = encode(f"quest:page=8,fetch={fetch},select=step", keys, values, lengths)
+    shared, _ = step.attend_at(q.flatten(2, 3), 0.25, 0, T)  # one selection for the forward: not the same
+    assert (shared - out).abs().max() > 1e-3
+
+
+def test_bad_select_and_summary_bits_are_refused():
+    keys, values, lengths = ragged(LENGTHS, seed=1)
+    for spec, match in [("quest:select=page", "select=token"), ("quest:summary_bits=4", "summary_bits")]:
+        with pytest.raises(KVSqueezeError, match=match):
+            encode(spec, keys, values, lengths)

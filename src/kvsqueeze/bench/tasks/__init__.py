@@ -86,6 +86,8 @@ def parse_tasks(text: str) -> list[TaskSpec]:
             DATASETS[name][1](option)
         elif name == "longgen":
             longgen.parse_tokens(option)
+        elif name == "multiturn":
+            multiturn.parse_option(option)
         elif name not in GENERATORS:
             raise KVSqueezeError(f"unknown task {name!r}; valid: {', '.join(TASK_NAMES)}")
         elif option is not None and option not in OPTIONS.get(name, ()):
@@ -118,7 +120,7 @@ def generated_tokens(task: TaskSpec) -> int:
     if task.name == "longgen":
         return longgen.parse_tokens(task.option) + 64
     if task.name == "multiturn":
-        return multiturn.TURNS * 64
+        return multiturn.parse_option(task.option)[0] * 64
     if task.name in ("scbench", "convqa"):
         return 0  # its generator keeps the questions and answers of a session inside the context length
     return 128
