@@ -35,10 +35,12 @@ def continuation_ids(tokenizer, before: str, after: str) -> list[int]:
 
 def chat(tokenizer, messages: list[dict]) -> str:
     """The conversation as the model's chat template writes it (with the generation prompt); plain text for a
-    tokenizer without a template."""
+    tokenizer without a template, where an earlier answer follows its ``Answer:`` as the next answer will (the text
+    of a conversation only grows at its end)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['content']}\n\n" for m in messages) + "Answer:"
+    said = ("Answer: " if m["role"] == "assistant" else "" for m in messages)
+    return "".join(f"{lead}{m['content']}\n\n" for lead, m in zip(said, messages, strict=True)) + "Answer:"
 
 
 def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[str, str]:

@@ -47,9 +47,15 @@ def test_batched_rows_equal_single_rows(kind):
         assert a.stats()["tokens_kept"] == b.stats()["tokens_kept"]
 
 
-@pytest.mark.parametrize("task", ["niah", "fidelity"])
-def test_sweep_rows_batched_equal_one_by_one(tmp_path, monkeypatch, task):
-    """The runner's batched path writes the rows the one-cell-at-a-time path writes."""
+@pytest.mark.parametrize(
+    ("task", "methods", "length", "cells"),
+    [("niah", "snapkv,h2o,kivi,snapkv+adakv", 600, 8), ("fidelity", "snapkv,h2o,kivi,snapkv+adakv", 600, 8),
+     ("scbench:string-multiturn", "snapkv,kivi,quest:page=8,residual=8", 700, 6),
+     ("scbench:semantic-multirequest", "snapkv,kivi,quest:page=8,residual=8", 700, 6)],
+)  # fmt: skip
+def test_sweep_rows_batched_equal_one_by_one(tmp_path, monkeypatch, task, methods, length, cells):
+    """The runner's batched path writes the rows the one-cell-at-a-time path writes (scbench: every turn's
+    score and gold log-likelihood, sessions of forks)."""
     from kvsqueeze.bench.evaluators.batched import BatchedEvaluator
     from kvsqueeze.bench.runner import SweepConfig, parse_methods, read_rows, run_sweep
     from kvsqueeze.bench.tasks import parse_tasks
@@ -57,17 +63,18 @@ def test_sweep_rows_batched_equal_one_by_one(tmp_path, monkeypatch, task):
 
     def sweep(out, rows_per_batch):
         monkeypatch.setattr(BatchedEvaluator, "batch_rows", rows_per_batch)
-        config = SweepConfig(tasks=parse_tasks(task), methods=parse_methods("snapkv,h2o,kivi,snapkv+adakv"),
-                             ratios=[0.25, 0.5], samples=2, lengths=[600], out=out)  # fmt: skip
+        config = SweepConfig(tasks=parse_tasks(task), methods=parse_methods(methods), ratios=[0.25, 0.5], samples=2,
+                             lengths=[length], out=out)  # fmt: skip
         run_sweep(config, TinyProvider(), progress=False, render=False)
         return {r["key"]: r for r in read_rows(out / "results.jsonl")}
 
     alone, together = sweep(tmp_path / "alone", 1), sweep(tmp_path / "together", 4)
-    assert set(alone) == set(together) and len(alone) == 2 * 8
+    assert set(alone) == set(together) and len(alone) == 2 * cells
     for key, a in alone.items():
         b = together[key]
         assert a["status"] == b["status"] == "ok"
         assert a["cache_bytes"] == b["cache_bytes"] and a.get("output") == b.get("output")
         for name, value in a["scores"].items():
             assert b["scores"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
-        assert b["batched_rows"] == 4 and "batched_rows" not in a
+        assert 1 < b["batched_rows"] <= 4 and "batched_rows" not in a
+        assert a["fetched_bytes_per_token"] == pytest.approx(b["fetched_bytes_per_token"], rel=1e-6)

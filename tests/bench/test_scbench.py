@@ -93,3 +93,22 @@ def test_a_scbench_sweep_scores_every_turn(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("Score per turn") == 2 and "| snapkv@0.5 | eviction |" in summary
     assert (tmp_path / "turns_scbench_multitask-multirequest.png").stat().st_size > 0
+
+
+def test_multiturn_conversation_holds_the_gold_answers(chars):
+    """SCBench's multi-turn default: the earlier turns' gold answers are in the conversation, whatever the model
+    answered, so the cache ends holding the same text for every method."""
+    model = tiny_model("llama")
+    sample = generate(TaskSpec("scbench", "global-multiturn"), chars, samples=1, length=900, seed=0)[0]
+    assert sample.history == "gold"
+    evaluator = evaluator_for(model, chars, sample, False)
+    final = evaluator.prompt([q.gold for q in sample.questions[:-1]]) + sample.questions[-1].gold
+    assert all(f"Answer: {q.answer_prefix}{q.gold}" in final for q in sample.questions[:-1])
+    outputs = set()
+    for method, ratio in (("none", None), ("snapkv", 0.5)):
+        cache = build_cache(model, evaluator.prefill, method, ratio)
+        row = evaluator.decode(cache)
+        assert cache.get_seq_length() == len(chars.encode(final))  # the gold conversation, not the model's answers
+        assert len(row["output"]) == TURNS
+        outputs.add(tuple(row["output"]))
+    assert all(q.gold.strip() not in out for q in sample.questions for out in outputs)  # the random model's answers

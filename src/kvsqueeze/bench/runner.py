@@ -201,10 +201,12 @@ class SweepConfig:
 
 
 def sample_digest(sample: Sample) -> str:
-    """A hash of everything a sample's evaluation reads (context, questions, continuation, kind)."""
+    """A hash of everything a sample's evaluation reads (context, questions, continuation, kind, history)."""
     parts = [sample.kind, sample.context, [asdict(q) for q in sample.questions], sample.continuation]
     if sample.documents:  # (only then: the digests of other tasks stay what they were)
         parts.append(list(sample.documents))
+    if sample.history != "model":
+        parts.append(sample.history)
     payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 

@@ -58,9 +58,9 @@ class BatchedEvaluator(Evaluator):
                 results[i] = row
         return results
 
-    def batched(self, caches: list[CompressedCache]) -> list[dict]:
-        start = time.perf_counter()
-        fields = [self.cache_fields(cache) for cache in caches]
+    def decode_many(self, caches: list[CompressedCache]) -> list[dict]:
+        """The decoding fields of every cache, decoded together: the question appended, the gold teacher-forced,
+        then :meth:`rows` (subclasses with sessions of several questions override it)."""
         n = len(caches)
         if self.query_aware or self.question_ids.shape[-1] == 0:
             firsts = [self.prefill.last_logits] * n
@@ -72,11 +72,18 @@ class BatchedEvaluator(Evaluator):
             forks = [cache.fork() for cache in caches] if self.fork_for_gold else caches
             rest = forward_many(self.model, forks, self.gold_ids[:, :-1])
             golds = [torch.cat([f[None], r], dim=0) for f, r in zip(firsts, rest, strict=True)]
-        rows = self.rows(caches, firsts, golds)
+        return self.rows(caches, firsts, golds)
+
+    def batched(self, caches: list[CompressedCache]) -> list[dict]:
+        start = time.perf_counter()
+        fields = [self.cache_fields(cache) for cache in caches]
+        n = len(caches)
+        rows = self.decode_many(caches)
         shared = (time.perf_counter() - start) / n
         for row, extra, cache in zip(rows, fields, caches, strict=True):
             row.update(extra)
-            row.update(fetch_fields(cache))  # the question and the answer, not the gold
+            if "fetched_bytes_per_token" not in row:  # sessions of forks set their own
+                row.update(fetch_fields(cache))  # the question and the answer, not the gold
             row["bytes_per_token"] = row["cache_bytes"] / max(row["tokens_compressed"], 1)
             row["cell_seconds"] = shared
             row["batched_rows"] = n

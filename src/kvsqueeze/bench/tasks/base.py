@@ -45,6 +45,8 @@ class Sample:
     continuation: str = ""  # continuation tasks: the text teacher-forced after the context
     documents: tuple[str, ...] = ()  # rag: the context's documents, each a reusable piece (``context`` joins them)
     meta: dict = field(default_factory=dict)  # depth, length, variant … (plots and tables group by these)
+    history: Literal["model", "gold"] = "model"  # multiturn: earlier answers in the conversation are the model's own
+    # or the gold ones (SCBench's multi-turn default)
 
     def as_dict(self) -> dict:
         return asdict(self)

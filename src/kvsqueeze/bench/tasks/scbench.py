@@ -3,8 +3,10 @@ of Long-Context Methods", arXiv:2412.10319), generated offline and deterministic
 
 One context, ``TURNS`` questions about it, in one of SCBench's two shared-context modes:
 
-- ``multiturn``: one conversation; the questions come in sequence with the model's earlier answers in the history
-  (the ``multiturn`` evaluator);
+- ``multiturn``: one conversation; the questions come in sequence with the earlier turns' gold answers in the
+  history, as SCBench does by default (its ``disable_golden_context`` off: one wrong answer does not derail the
+  later turns, and every method's conversation is the same text, so a sample's cells decode batched), the
+  ``multiturn`` evaluator;
 - ``multirequest``: independent requests over the one context, each answered from the context alone (the
   ``multirequest`` evaluator: a fork of the compressed context per request).
 
@@ -220,6 +222,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
                 context=context,
                 questions=questions,
                 meta={"length": length, "category": category, "mode": mode, "turns": TURNS},
+                history="gold",  # multi-turn: the earlier turns' gold answers in the conversation, as in SCBench
             )
         )
     return out
