@@ -97,4 +97,3 @@ class MultiturnEvaluator(BatchedEvaluator):
             answers.append(tok.decode(gold[0]))
             in_cache = text + answers[-1]
         return session_rows(self, sessions, answered)
-
