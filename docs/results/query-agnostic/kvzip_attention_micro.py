@@ -1,5 +1,8 @@
-"""Per-layer cost of KVzip's reconstruction attention against the prefill's causal SDPA (SmolLM2 shapes, 2k context, one
-thread). PYTHONPATH=src python docs/results/query-agnostic/kvzip_attention_micro.py"""
+"""Per-layer cost of KVzip's reconstruction attention against the prefill's causal SDPA (SmolLM2 shapes: 9 query
+heads, 3 KV heads, head dim 64; a 2,048-token context, a 2,020-token chunk; one thread).
+
+PYTHONPATH=src python docs/results/query-agnostic/kvzip_attention_micro.py
+"""
 
 import time
 
@@ -8,55 +11,54 @@ import torch
 from kvsqueeze.policies.kvzip import reconstruction_attention
 
 torch.set_num_threads(1)
-B, Hq, H, C, L, D = 1, 9, 3, 2020, 2048, 64
-q = torch.randn(B, Hq, C, D)
+B, HQ, H, C, L, D = 1, 9, 3, 2020, 2048, 64
+G = HQ // H
+q = torch.randn(B, HQ, C, D)
 k = torch.randn(B, H, L + C, D)
 v = torch.randn(B, H, L + C, D)
-cols = torch.arange(L)
-s = D**-0.5
+columns = torch.arange(L)
+scale = D**-0.5
 
 
-def t(f, n=3):
-    f()
-    t0 = time.perf_counter()
+def ms(fn, n: int = 3) -> float:
+    fn()
+    start = time.perf_counter()
     for _ in range(n):
-        f()
-    return (time.perf_counter() - t0) / n
+        fn()
+    return (time.perf_counter() - start) / n * 1e3
 
 
-fused = t(lambda: reconstruction_attention(q, k, v, s, cols))
-# prefill-like causal SDPA over L tokens
-qp = torch.randn(B, Hq, L, D)
-kp = torch.randn(B, Hq, L, D)
-pre = t(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, kp, is_causal=True))
-# sdpa with mask + lse, then scores by amax(q.k - lse)
-mask = torch.ones(C, L + C, dtype=torch.bool)
-mask[:, L:] = torch.ones(C, C, dtype=torch.bool).tril()
-ke = k.repeat_interleave(3, 1)
-ve = v.repeat_interleave(3, 1)
+visible = torch.ones(C, L + C, dtype=torch.bool)
+visible[:, L:] = torch.ones(C, C, dtype=torch.bool).tril()
+additive = torch.zeros(C, L + C).masked_fill(~visible, float("-inf"))
+k_all, v_all = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+qp, kp = torch.randn(B, HQ, L, D), torch.randn(B, HQ, L, D)
 
 
-def alt():
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, ke, ve, 0.0, False, attn_mask=torch.zeros(C, L + C).masked_fill(~mask, float("-inf")), scale=s
+def sdpa_with_lse():
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k_all, v_all, 0.0, False, attn_mask=additive, scale=scale
     )[:2]
-    logits = torch.matmul(q.view(B, H, 3 * C, D), k[:, :, :L].transpose(-1, -2)) * s
-    best = (logits.view(B, H, 3, C, L) - lse.view(B, H, 3, C, 1)).amax(dim=(2, 3)).exp()
-    return out, best
 
 
-try:
-    a = t(alt)
-    o1, b1 = reconstruction_attention(q, k, v, s, cols)
-    o2, b2 = alt()
-    print("alt max diff out", (o1 - o2.transpose(1, 2)).abs().max().item(), "scores", (b1 - b2).abs().max().item())
-except Exception as e:
-    a = None
-    print("alt failed", e)
-print(f"fused {fused * 1e3:.0f} ms  prefill-causal-sdpa {pre * 1e3:.0f} ms  sdpa+lse+amax {a and a * 1e3:.0f} ms")
-am = torch.zeros(C, L + C).masked_fill(~mask, float("-inf"))
-sd = t(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, ke, ve, 0.0, False, attn_mask=am, scale=s))
-mm = t(lambda: torch.matmul(q.view(B, H, 3 * C, D), k[:, :, :L].transpose(-1, -2)))
-lg = torch.matmul(q.view(B, H, 3 * C, D), k[:, :, :L].transpose(-1, -2))
-am2 = t(lambda: lg.amax(dim=2))
-print(f"sdpa-mask {sd * 1e3:.0f}  qk-matmul {mm * 1e3:.0f}  amax {am2 * 1e3:.0f}")
+def sdpa_then_scores():
+    out, lse = sdpa_with_lse()
+    logits = torch.matmul(q.view(B, H, G * C, D), k[:, :, :L].transpose(-1, -2)) * scale
+    return out, (logits.view(B, H, G, C, L) - lse.view(B, H, G, C, 1)).amax(dim=(2, 3)).exp()
+
+
+fused_out, fused_scores = reconstruction_attention(q, k, v, scale, columns)
+alt_out, alt_scores = sdpa_then_scores()
+print("max diff: output", (fused_out - alt_out.transpose(1, 2)).abs().max().item(),
+      "scores", (fused_scores - alt_scores).abs().max().item())  # fmt: skip
+logits = torch.matmul(q.view(B, H, G * C, D), k[:, :, :L].transpose(-1, -2))
+times = {
+    "prefill causal SDPA": ms(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, kp, is_causal=True)),
+    "reconstruction_attention (fused)": ms(lambda: reconstruction_attention(q, k, v, scale, columns)),
+    "SDPA with the chunk mask, lse": ms(sdpa_with_lse),
+    "context logits q·kᵀ": ms(lambda: torch.matmul(q.view(B, H, G * C, D), k[:, :, :L].transpose(-1, -2))),
+    "amax over queries": ms(lambda: logits.amax(dim=2)),
+    "SDPA + lse, scores exp(amax(q·k − lse))": ms(sdpa_then_scores),
+}
+for name, value in times.items():
+    print(f"{name:45s} {value:7.0f} ms")
