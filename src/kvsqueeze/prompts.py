@@ -39,8 +39,8 @@ def chat(tokenizer, messages: list[dict]) -> str:
     of a conversation only grows at its end)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    said = ("Answer: " if m["role"] == "assistant" else "" for m in messages)
-    return "".join(f"{lead}{m['content']}\n\n" for lead, m in zip(said, messages, strict=True)) + "Answer:"
+    lead = {"assistant": "Answer: "}
+    return "".join(f"{lead.get(m['role'], '')}{m['content']}\n\n" for m in messages) + "Answer:"
 
 
 def split_prompt(tokenizer, context: str, question: str, answer_prefix: str = "") -> tuple[str, str]:

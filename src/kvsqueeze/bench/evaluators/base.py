@@ -115,6 +115,10 @@ class Evaluator:
             self._prefill = capture_prefill(self.model, self.compressed_ids)
         return self._prefill
 
+    def answer_text(self, tokens: list[int]) -> str:
+        """A greedy answer's text (end-of-sequence tokens dropped)."""
+        return self.tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)
+
     def first_logits(self, cache: CompressedCache) -> torch.Tensor:
         """Logits of the first answer token: the prefill's (query-aware) or after appending the question."""
         if self.query_aware or self.question_ids.shape[-1] == 0:

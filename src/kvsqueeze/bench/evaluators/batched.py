@@ -11,8 +11,29 @@ import torch
 
 from kvsqueeze.bench.batch import forward_many
 from kvsqueeze.bench.capture import build_cache
-from kvsqueeze.bench.evaluators.base import Cell, Evaluator, attempt, fetch_fields
+from kvsqueeze.bench.evaluators.base import Cell, Evaluator, Session, attempt, fetch_fields
 from kvsqueeze.core.cache import CompressedCache
+
+
+def session_rows(sample, sessions: list[Session], caches_of_rows: list[list[CompressedCache]]) -> list[dict]:
+    """One result row per session; the decode time of a batch of several rows is shared, so no tok/s."""
+    rows = []
+    for session, caches in zip(sessions, caches_of_rows, strict=True):
+        row = {**session.row(sample), **fetch_fields(*caches)}
+        if len(sessions) > 1:
+            row["decode_tokens_per_second"] = None
+        rows.append(row)
+    return rows
+
+
+def gold_logits_many(model, caches: list[CompressedCache], firsts: torch.Tensor, gold: torch.Tensor, fork: bool):
+    """Each row's logits predicting each gold token (``[B, len(gold), V]``); teacher forcing runs on forks of
+    ``caches`` if ``fork``, else it appends the gold to them."""
+    if gold.shape[-1] <= 1 and fork:
+        return firsts[:, None]
+    targets = [c.fork() for c in caches] if fork else caches
+    rest = forward_many(model, targets, gold[:, :-1] if fork else gold)
+    return torch.cat([firsts[:, None], rest[:, : gold.shape[-1] - 1]], dim=1)
 
 
 class BatchedEvaluator(Evaluator):

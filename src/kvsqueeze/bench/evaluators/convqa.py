@@ -43,8 +43,7 @@ class ConvQAEvaluator(Evaluator):
         first = forward(self.model, cache, question, keep=1)[-1]
         ll = scoring.gold_loglik(self.gold_logits(cache, first, gold), gold[0])
         out = greedy(self.model, cache, first, q.max_new_tokens, self.eos)
-        answer = self.tokenizer.decode([t for t in out.tokens if t not in self.eos], skip_special_tokens=True)
-        session.add(answer, q, ll, out)
+        session.add(self.answer_text(out.tokens), q, ll, out)
 
     def decode(self, cache: CompressedCache) -> dict:
         session = Session([], [])

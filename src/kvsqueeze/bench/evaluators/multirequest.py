@@ -5,35 +5,12 @@ forks decode together as the rows of batched forward passes (:mod:`kvsqueeze.ben
 
 from __future__ import annotations
 
-import torch
-
 from kvsqueeze.bench import scoring
 from kvsqueeze.bench.batch import forward_many, greedy_many
-from kvsqueeze.bench.evaluators.base import Session, fetch_fields, gold_ids
-from kvsqueeze.bench.evaluators.batched import BatchedEvaluator
+from kvsqueeze.bench.evaluators.base import Session, gold_ids
+from kvsqueeze.bench.evaluators.batched import BatchedEvaluator, gold_logits_many, session_rows
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import prompt_ids, split_prompt
-
-
-def session_rows(evaluator, sessions: list[Session], caches_of_rows: list[list[CompressedCache]]) -> list[dict]:
-    """One result row per session; the decode time of a batch of several rows is shared, so no tok/s."""
-    rows = []
-    for session, caches in zip(sessions, caches_of_rows, strict=True):
-        row = {**session.row(evaluator.sample), **fetch_fields(*caches)}
-        if len(sessions) > 1:
-            row["decode_tokens_per_second"] = None
-        rows.append(row)
-    return rows
-
-
-def gold_logits_many(model, caches: list[CompressedCache], firsts: torch.Tensor, gold: torch.Tensor, fork: bool):
-    """Each row's logits predicting each gold token (``[B, len(gold), V]``); teacher forcing runs on forks of
-    ``caches`` if ``fork``, else it appends the gold to them."""
-    if gold.shape[-1] <= 1 and fork:
-        return firsts[:, None]
-    targets = [c.fork() for c in caches] if fork else caches
-    rest = forward_many(model, targets, gold if not fork else gold[:, :-1])
-    return torch.cat([firsts[:, None], rest[:, : gold.shape[-1] - 1]], dim=1)
 
 
 class MultiRequestEvaluator(BatchedEvaluator):
@@ -62,6 +39,5 @@ class MultiRequestEvaluator(BatchedEvaluator):
             outs = greedy_many(self.model, forks, list(firsts), [q.max_new_tokens] * n, self.eos)
             for i, (fork, out) in enumerate(zip(forks, outs, strict=True)):
                 requests[i].append(fork)
-                answer = self.tokenizer.decode([t for t in out.tokens if t not in self.eos], skip_special_tokens=True)
-                sessions[i].add(answer, q, scoring.gold_loglik(golds[i], gold[0]), out)
-        return session_rows(self, sessions, requests)
+                sessions[i].add(self.answer_text(out.tokens), q, scoring.gold_loglik(golds[i], gold[0]), out)
+        return session_rows(self.sample, sessions, requests)

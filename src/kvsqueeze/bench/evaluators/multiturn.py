@@ -11,8 +11,7 @@ from kvsqueeze.bench import scoring
 from kvsqueeze.bench.batch import forward_many, greedy_many
 from kvsqueeze.bench.capture import forward, greedy
 from kvsqueeze.bench.evaluators.base import Session, gold_ids
-from kvsqueeze.bench.evaluators.batched import BatchedEvaluator
-from kvsqueeze.bench.evaluators.multirequest import gold_logits_many, session_rows
+from kvsqueeze.bench.evaluators.batched import BatchedEvaluator, gold_logits_many, session_rows
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.prompts import chat, ids, split_prompt
 
@@ -50,9 +49,6 @@ class MultiturnEvaluator(BatchedEvaluator):
                 messages.append({"role": "assistant", "content": q.answer_prefix + answers[t]})
         suffix = " " if not getattr(self.tokenizer, "chat_template", None) else ""
         return chat(self.tokenizer, messages) + suffix + self.sample.questions[len(answers)].answer_prefix
-
-    def answer_text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode([x for x in tokens if x not in self.eos], skip_special_tokens=True)
 
     def decode(self, cache: CompressedCache) -> dict:
         if self.gold_history:
@@ -96,4 +92,4 @@ class MultiturnEvaluator(BatchedEvaluator):
                 sessions[i].add(self.answer_text(out.tokens), q, scoring.gold_loglik(golds[i], gold[0]), out)
             answers.append(tok.decode(gold[0]))
             in_cache = text + answers[-1]
-        return session_rows(self, sessions, answered)
+        return session_rows(self.sample, sessions, answered)
