@@ -35,6 +35,8 @@ from kvsqueeze.policies.kvzip import (
     reconstruction_scores,
     repeat_prompt,
     scored_columns,
+    softmax_reconstruction_attention,
+    split_reconstruction_attention,
 )
 from tests.bench.conftest import CharTokenizer
 from tests.conftest import tiny_model
@@ -116,16 +118,20 @@ def test_query_blocks_equal_one_block():
 
 
 @pytest.mark.parametrize("scope", ["chunk", "full"])
-def test_fused_attention_gives_the_models_output_and_the_same_scores(scope):
-    """One softmax serves the chunk's attention output (= SDPA over context + causal chunk) and the scores (=
-    :func:`reconstruction_scores`, the restricted softmax for ``scope="chunk"``)."""
+@pytest.mark.parametrize(
+    "attention", [softmax_reconstruction_attention, split_reconstruction_attention, reconstruction_attention]
+)
+def test_fused_attention_gives_the_models_output_and_the_same_scores(scope, attention):
+    """The chunk's attention output (= SDPA over context + causal chunk) and the scores (= :func:`reconstruction_
+    scores`, the restricted softmax for ``scope="chunk"``): from one softmax, from the fused kernel's two partials
+    and their log-sum-exps, and through the dispatcher."""
     g = torch.Generator().manual_seed(11)
     B, H, G, L, C, D = 1, 2, 3, 24, 10, 16
     q = torch.randn(B, H * G, C, D, generator=g)
     keys, values = torch.randn(B, H, L + C, D, generator=g), torch.randn(B, H, L + C, D, generator=g)
     part = ReconstructionChunk(8, 16, torch.zeros(1, C, dtype=torch.long))
     cols = scored_columns(L, part, 3, scope)
-    out, scores = reconstruction_attention(q, keys, values, 0.25, cols, block=4)
+    out, scores = attention(q, keys, values, 0.25, cols, block=4)
     mask = torch.ones(C, L + C, dtype=torch.bool)
     mask[:, L:] = torch.ones(C, C, dtype=torch.bool).tril()
     want = torch.nn.functional.scaled_dot_product_attention(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.core.attention_math import fused_partial_attention, partial_attention
+from kvsqueeze.core.attention_math import causal_partial_attention, fused_partial_attention, partial_attention
 from kvsqueeze.core.storage import DenseBlock
 
 
@@ -36,3 +36,15 @@ def test_fused_uniform_matches_reference():
     ref_out, ref_lse = partial_attention(q, k, v, 0.25)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
+
+
+def test_fused_causal_matches_reference():
+    """The fused kernel's causal partial (query i sees keys 0..i) equals the masked reference, log-sum-exp too."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g) for _ in range(3))
+    out, lse = causal_partial_attention(q, k, v, 0.25)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    ref_out, ref_lse = partial_attention(q, k, v, 0.25, mask=causal)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert torch.equal(out[..., 0, :], v[..., 0, :])  # the first query sees only the first key

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from kvsqueeze.policies.kvzip import reconstruction_attention
+from kvsqueeze.policies.kvzip import softmax_reconstruction_attention, split_reconstruction_attention
 
 torch.set_num_threads(1)
 B, HQ, H, C, L, D = 1, 9, 3, 2020, 2048, 64
@@ -47,14 +47,20 @@ def sdpa_then_scores():
     return out, (logits.view(B, H, G, C, L) - lse.view(B, H, G, C, 1)).amax(dim=(2, 3)).exp()
 
 
-fused_out, fused_scores = reconstruction_attention(q, k, v, scale, columns)
+fused_out, fused_scores = softmax_reconstruction_attention(q, k, v, scale, columns)
 alt_out, alt_scores = sdpa_then_scores()
+split_out, split_scores = split_reconstruction_attention(q, k, v, scale, columns)
+print("split vs softmax max diff: output", (fused_out - split_out).abs().max().item(),
+      "scores", (fused_scores - split_scores).abs().max().item())  # fmt: skip
 print("max diff: output", (fused_out - alt_out.transpose(1, 2)).abs().max().item(),
       "scores", (fused_scores - alt_scores).abs().max().item())  # fmt: skip
 logits = torch.matmul(q.view(B, H, G * C, D), k[:, :, :L].transpose(-1, -2))
 times = {
     "prefill causal SDPA": ms(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, kp, is_causal=True)),
-    "reconstruction_attention (fused)": ms(lambda: reconstruction_attention(q, k, v, scale, columns)),
+    "softmax_reconstruction_attention (one softmax)": ms(
+        lambda: softmax_reconstruction_attention(q, k, v, scale, columns)
+    ),
+    "split_reconstruction_attention (CPU default)": ms(lambda: split_reconstruction_attention(q, k, v, scale, columns)),
     "SDPA with the chunk mask, lse": ms(sdpa_with_lse),
     "context logits q·kᵀ": ms(lambda: torch.matmul(q.view(B, H, G * C, D), k[:, :, :L].transpose(-1, -2))),
     "amax over queries": ms(lambda: logits.amax(dim=2)),

@@ -45,6 +45,19 @@ def fused_partial_attention(
     return out, lse.float()
 
 
+def causal_partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal :func:`partial_attention` of ``q [B, H, M, D]`` over ``k, v [B, H, M, D]`` (query ``i`` sees keys
+    ``0..i``) through PyTorch's fused CPU kernel when it applies; elsewhere the reference path with a mask."""
+    if fused_applies(q, k, v) and k.shape[-2] > 0:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scaling)[:2]
+        return out, lse.float()
+    M = q.shape[-2]
+    causal = torch.ones(M, k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    return partial_attention(q, k, v, scaling, mask=causal)
+
+
 def ragged_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
