@@ -94,14 +94,21 @@ def test_recomputation_follows_deviation_and_inter_attention():
     prev_now = {ida: set(), idb: {ida}, idc: {ida, idb}}
     want = []
     devs = {}
+    # c was computed first (nothing to attend to, CCI 0 measured): it takes the mean CCI of the variants computed
+    # after other chunks, and its first tokens are recomputed
+    prior = (variants[1].impact + variants[2].impact) / 2
+    assert variants[0].impact == 0 and prior > 0
     for x, v in zip((idc, ida, idb), variants, strict=True):
         j = len(prev_then[x] & prev_now[x]) / len(prev_then[x] | prev_now[x]) if prev_then[x] | prev_now[x] else 1.0
-        devs[x] = v.impact * (1 - j)
+        devs[x] = (v.impact if prev_then[x] else prior) * (1 - j)
     total = sum(devs.values())
     for start, x, v in ((4, ida, variants[1]), (14, idb, variants[2]), (24, idc, variants[0])):
         share = round(9 * devs[x] / total)
-        if share:
+        if share and x == idc:
+            want.append(start + torch.arange(share))
+        elif share:
             want.append(start + torch.topk(v.attention, share).indices.sort().values)
+    assert round(9 * devs[idc] / total) > 0
     assert torch.equal(chosen[0], torch.cat(want).sort().values)
     # a chunk deviating more than max_deviation is not reusable: recomputed whole (here every deviating chunk)
     whole = [torch.arange(s, s + 10) for s, x in ((4, ida), (14, idb), (24, idc)) if devs[x] > 0]

@@ -13,14 +13,20 @@ it can be reused depends on how much its tokens attended to the *other* chunks o
   exceeds ``max_deviation`` is not reusable and is recomputed whole; the others share a budget of ``fraction`` of
   the context's tokens in proportion to their deviation, each recomputing its tokens of highest inter-chunk
   attention (selective recomputation in context, :mod:`kvsqueeze.reuse.recompute`);
+- a variant computed with no chunk before it had nothing to attend to: its measured CCI (0) says nothing about how
+  much it depends on context. Placed after other chunks, it takes the mean CCI of the store's variants that were
+  computed after other chunks (``ChunkStore.impact``), and its first tokens are the ones recomputed (the start of a
+  chunk is where attention to the context before it concentrates, as EPIC, arXiv 2410.15332, found);
 - the chunk store (:class:`ChunkStore`) keeps variants of a chunk computed in different contexts (the one whose
   preceding chunks overlap the new prompt's most is used) under a byte limit, evicting the variant of lowest value:
   its uses with an exponential decay per store access (frequency and recency), times ``1 − CCI`` (what a reuse
   saves), per byte.
 
-Deviations: the paper calibrates how many tokens to recompute per unit of CCI offline on a model; here one
-``fraction`` of the context is shared among the deviating chunks (a fixed budget, the knob the paper's curves
-trade); its CPU–GPU cache tiers and the overlap of recomputation with loading are serving-engine work left out.
+Deviations: the prior CCI and first-token choice for a variant computed with no preceding chunk are ours (the
+paper measures CCI where the chunk was computed and does not single out that case). The paper calibrates how many
+tokens to recompute per unit of CCI offline on a model; here one ``fraction`` of the context is shared among the
+deviating chunks (a fixed budget, the knob the paper's curves trade). Its CPU–GPU cache tiers and the overlap of
+recomputation with loading are serving-engine work left out.
 """
 
 from __future__ import annotations
@@ -74,6 +80,14 @@ class ChunkStore:
     def nbytes(self) -> int:
         return sum(v.nbytes for vs in self.variants.values() for v in vs)
 
+    def impact(self, variant: Variant) -> float:
+        """``variant``'s context impact; for one computed with no preceding chunk (nothing measured), the mean impact
+        of the variants computed after other chunks (0 when the store holds none)."""
+        if variant.before:
+            return variant.impact
+        measured = [v.impact for vs in self.variants.values() for v in vs if v.before]
+        return sum(measured) / len(measured) if measured else 0.0
+
     def best(self, chunk: str, before: frozenset[str]) -> Variant | None:
         """The variant of ``chunk`` whose preceding chunks overlap ``before`` most (its use counted)."""
         found = self.variants.get(chunk)
@@ -101,6 +115,15 @@ class ChunkStore:
 def value(variant: Variant) -> float:
     """What keeping a variant is worth per byte: decayed uses × the part of a prefill its reuse saves."""
     return (variant.uses + 1e-3) * (1.0 - variant.impact) / max(variant.nbytes, 1)
+
+
+def recompute_order(variant: Variant) -> torch.Tensor:
+    """A variant's token indices, first to recompute first: by inter-chunk attention, highest first; for a variant
+    computed with no preceding chunk (no attention measured), from its first token on."""
+    n = variant.attention.numel()
+    if not variant.before:
+        return torch.arange(n)
+    return torch.topk(variant.attention, n).indices
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
@@ -177,11 +200,11 @@ def assemble(model, head: CompressedCache, chunks: list[torch.Tensor], store: Ch
         else:
             keys = [shift_keys(k, offset - variant.start, rope) for k in variant.keys]
             values = variant.values
-            deviation = variant.impact * (1.0 - jaccard(variant.before, frozenset(ids_of[:i])))
+            deviation = store.impact(variant) * (1.0 - jaccard(variant.before, frozenset(ids_of[:i])))
             if deviation > max_deviation:
                 whole.append(torch.arange(offset, offset + n))
             else:
-                plans.append((offset, variant.attention, deviation))
+                plans.append((offset, recompute_order(variant), deviation))
         for pk, pv, k, v in zip(parts_k, parts_v, keys, values, strict=True):
             pk.append(k)
             pv.append(v)
@@ -193,10 +216,10 @@ def assemble(model, head: CompressedCache, chunks: list[torch.Tensor], store: Ch
     budget = round(fraction * context)
     total = sum(d for _, _, d in plans)
     chosen = list(whole)
-    for start, attention, deviation in plans:
-        share = 0 if total <= 0 else min(attention.numel(), round(budget * deviation / total))
+    for start, order, deviation in plans:
+        share = 0 if total <= 0 else min(order.numel(), round(budget * deviation / total))
         if share:
-            chosen.append(start + torch.topk(attention, share).indices.sort().values)
+            chosen.append(start + order[:share].sort().values)
     positions = torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.long)
     recompute_tokens(model, out, ids, positions)
     out.tokens = ids.cpu()
