@@ -93,6 +93,10 @@ def cli():
         # SnapKV always keeps its 32-token window: 10 % of 300 tokens (30) cannot hold it
         (["--methods", "snapkv", "--ratios", "0.9", "--context-length", "300"], "always keeps 32 tokens"),
         (["--task", "file:/nonexistent/data.jsonl"], "dataset file not found"),
+        # options checked when the spec is parsed, not when a cell runs (a failed row and exit 0 otherwise)
+        (["--methods", "snapkv,quest:select=bogus"], "use select=token or select=step"),
+        (["--methods", "snapkv+kivi:group=0"], "kivi: group must be >= 1"),
+        (["--methods", "snapkv:window=8,window=16"], "parameter 'window' given twice"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):
@@ -116,6 +120,10 @@ def test_report_command(cli, fixture_run, tmp_path):
     missing = CliRunner().invoke(cli, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no results.jsonl" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
+    results = fixture_run / "results.jsonl"
+    a_file = CliRunner().invoke(cli, ["report", str(results)])  # the results file instead of its directory
+    assert a_file.exit_code == 2 and f"{results} is a file, not a run directory" in a_file.output
+    assert f"kvsqueeze report {fixture_run}" in a_file.output and len(a_file.output.strip().splitlines()) == 1
 
 
 def _tables(md: str) -> list[list[str]]:

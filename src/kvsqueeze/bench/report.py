@@ -524,6 +524,11 @@ def render(out_dir: str | Path, warn: Callable[[str], None] | None = None) -> li
     summary listing the failures is still written then)."""
     out = Path(out_dir)
     path = out / RESULTS
+    if out.exists() and not out.is_dir():
+        raise KVSqueezeError(
+            f"{out} is a file, not a run directory; give the --out directory of `kvsqueeze bench`"
+            + (f": kvsqueeze report {out.parent}" if out.name == RESULTS else "")
+        )
     if not path.is_file():
         raise KVSqueezeError(f"no {RESULTS} in {out}; run `kvsqueeze bench --out {out}` first")
     scan = scan_rows(path)
