@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel
 from transformers import PretrainedConfig
 
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.errors import KVSqueezeError, os_reason
 
 FORMAT = 1
 KEY = "kvsqueeze"
@@ -251,7 +251,9 @@ def save(cache, path: str | os.PathLike) -> Path:
     try:
         write_atomically(path, blob)
     except OSError as exc:
-        raise KVSqueezeError(f"cannot write the cache to {path}: {exc.strerror or exc}") from None
+        raise KVSqueezeError(
+            f"cannot write the cache to {path} ({os_reason(exc, path)}); give a writable path"
+        ) from None
     return path
 
 
