@@ -24,6 +24,23 @@ def default_factory(model: str | None, dtype: str, device: str = "auto"):
     return ModelProvider(model, dtype, device=device)
 
 
+WORKERS_ENV = "KVSQUEEZE_RAY_WORKERS"
+
+
+def positive_workers(value: object, what: str, fix: str = "") -> int:
+    """``value`` (an int or its text) as a positive number of workers; anything else is refused naming ``what``."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise KVSqueezeError(f"{what} must be a positive whole number of Ray workers, got {value!r}{fix}")
+    return int(text)
+
+
+def cpu_workers() -> int:
+    """CPU actors of a sweep that does not run on GPUs: ``KVSQUEEZE_RAY_WORKERS`` (unset or empty: 1)."""
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    return positive_workers(text, WORKERS_ENV, f"; set e.g. {WORKERS_ENV}=4, or unset it for one") if text else 1
+
+
 def wants_gpu(device: str, cluster_gpus: int) -> bool:
     """Whether a worker on ``device`` asks Ray for a GPU (``cuda``/``cuda:N``, or ``auto`` on a cluster with GPUs)."""
     return device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
@@ -45,7 +62,8 @@ class RayExecutor:
                 "--executor ray needs the 'ray' extra: pip install 'kvsqueeze[ray]' (or use --executor local)"
             ) from None
         self.provider_factory = provider_factory
-        self.num_workers = num_workers
+        self.num_workers = None if num_workers is None else positive_workers(num_workers, "num_workers")
+        self.cpu_workers = cpu_workers()  # checked here: before the sweep loads anything
         self.init_kwargs = init_kwargs or {}
 
     def run(self, jobs, config, provider, on_row) -> None:
@@ -55,13 +73,20 @@ class RayExecutor:
         from kvsqueeze.bench.runner import environment, open_store, run_job
 
         if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
+            try:
+                ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
+            except Exception as exc:  # ConnectionError, RuntimeError, ValueError … (an address it cannot use)
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise KVSqueezeError(
+                    f"cannot start or reach Ray ({type(exc).__name__}: {first}); check RAY_ADDRESS (unset it for a "
+                    "local Ray) or use --executor local"
+                ) from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         device = getattr(config, "device", "auto") or "auto"
         gpu = wants_gpu(device, gpus)
         if gpu and device != "auto" and not gpus:
             raise KVSqueezeError(f"--device {device} with --executor ray: the Ray cluster has no GPU; use --device cpu")
-        workers = self.num_workers or (gpus if gpu else 0) or int(os.environ.get("KVSQUEEZE_RAY_WORKERS", "1"))
+        workers = self.num_workers or (gpus if gpu else 0) or self.cpu_workers
         factory = self.provider_factory or (lambda: default_factory(config.model, config.dtype, device))
         env = environment()
 
