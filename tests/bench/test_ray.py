@@ -72,7 +72,9 @@ def test_a_bad_worker_count_is_refused_when_the_executor_is_created(monkeypatch,
     from kvsqueeze.bench.runner import get_executor
 
     monkeypatch.setenv("KVSQUEEZE_RAY_WORKERS", value)
-    with pytest.raises(KVSqueezeError, match="KVSQUEEZE_RAY_WORKERS must be a positive whole number") as err:
+    with pytest.raises(
+        KVSqueezeError, match=r"KVSQUEEZE_RAY_WORKERS must be a whole number >= 1, got .* \(Ray workers\); set e.g."
+    ) as err:
         get_executor("ray")
     assert "\n" not in str(err.value)
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.validation import check_count
 
 
 def default_factory(model: str | None, dtype: str, device: str = "auto"):
@@ -27,18 +28,14 @@ def default_factory(model: str | None, dtype: str, device: str = "auto"):
 WORKERS_ENV = "KVSQUEEZE_RAY_WORKERS"
 
 
-def positive_workers(value: object, what: str, fix: str = "") -> int:
-    """``value`` (an int or its text) as a positive number of workers; anything else is refused naming ``what``."""
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
-        raise KVSqueezeError(f"{what} must be a positive whole number of Ray workers, got {value!r}{fix}")
-    return int(text)
-
-
 def cpu_workers() -> int:
-    """CPU actors of a sweep that does not run on GPUs: ``KVSQUEEZE_RAY_WORKERS`` (unset or empty: 1)."""
+    """CPU actors of a sweep that does not run on GPUs: ``KVSQUEEZE_RAY_WORKERS`` (unset or empty: 1), a whole
+    number >= 1."""
     text = os.environ.get(WORKERS_ENV, "").strip()
-    return positive_workers(text, WORKERS_ENV, f"; set e.g. {WORKERS_ENV}=4, or unset it for one") if text else 1
+    if not text:
+        return 1
+    fix = f" (Ray workers); set e.g. {WORKERS_ENV}=4, or unset it for one"
+    return check_count(int(text) if text.isdigit() else text, WORKERS_ENV, fix)
 
 
 def wants_gpu(device: str, cluster_gpus: int) -> bool:
@@ -62,7 +59,7 @@ class RayExecutor:
                 "--executor ray needs the 'ray' extra: pip install 'kvsqueeze[ray]' (or use --executor local)"
             ) from None
         self.provider_factory = provider_factory
-        self.num_workers = None if num_workers is None else positive_workers(num_workers, "num_workers")
+        self.num_workers = None if num_workers is None else check_count(num_workers, "num_workers (Ray workers)")
         self.cpu_workers = cpu_workers()  # checked here: before the sweep loads anything
         self.init_kwargs = init_kwargs or {}
 
