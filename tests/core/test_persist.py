@@ -103,6 +103,8 @@ def test_what_cannot_be_loaded_is_refused_in_one_line(tmp_path, monkeypatch):
         CompressedCache.load(tmp_path / "missing.safetensors", lm)
     with pytest.raises(KVSqueezeError, match="is a directory"):
         cache.save(tmp_path)
+    with pytest.raises(KVSqueezeError, match="model must be a loaded transformers causal LM, got NoneType"):
+        CompressedCache.load(path, None)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave nothing behind
 
 

@@ -123,6 +123,8 @@ def test_bad_stores_and_corrupt_entries_are_one_line(tmp_path):
         kv.load(key, model)
     with pytest.raises(KVSqueezeError, match="does not know its tokens"):
         kv.save(CompressedCache(model, "none"), model)
+    with pytest.raises(KVSqueezeError, match="model must be a loaded transformers causal LM"):
+        kv.save(c, None)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel
 from transformers import PretrainedConfig
 
+from kvsqueeze.core.architectures import check_model
 from kvsqueeze.errors import KVSqueezeError, os_reason
 
 FORMAT = 1
@@ -336,6 +337,7 @@ def load_bytes(cls, data: bytes, model, tokenizer=None, where: str = "the blob")
 def rebuild(cls, header: dict, state: dict, storages: dict, model, tokenizer, path):
     from kvsqueeze.spec import parse_method
 
+    check_model(model)
     method = parse_method(header.get("method", ""))
     check_header(header, method, model, path)
     ratio = header.get("layer_ratios") or header.get("ratio")
