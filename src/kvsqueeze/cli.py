@@ -68,6 +68,8 @@ def methods(
     """List every method component: name, axis, family, paper, arXiv id, parameters."""
     from kvsqueeze.spec import AXES, registry
 
+    if as_json and markdown:
+        fail("give --json or --markdown, not both")
     rows = sorted(registry().values(), key=lambda r: (AXES.index(r.axis), r.family, r.name))
     if markdown:
         print("| method | axis | family | paper | arXiv |\n|---|---|---|---|---|")
@@ -352,6 +354,7 @@ def calibrate_kvtuner(
         from kvsqueeze.models import parse_dtype
 
         parse_dtype(dtype)
+        _check_out(out_path)
         with _calibration("kvtuner calibration", model) as steps:
             path = run(model, out_path, dtype, progress=steps, n_tokens=tokens, target=target)
     _print_result(path, f"--method 'kvtuner:config={path}'")
@@ -370,6 +373,7 @@ def calibrate_kvquant(
         from kvsqueeze.models import parse_dtype
 
         parse_dtype(dtype)
+        _check_out(out_path)
         with _calibration("kvquant calibration", model) as steps:
             path = run(model, out_path, dtype, n_tokens=tokens, progress=steps)
     _print_result(path, f"--method 'kvquant:bits=3,config={path}'")

@@ -165,6 +165,10 @@ def parse_method(spec: str | Method) -> Method:
         raise KVSqueezeError("empty method spec; try `kvsqueeze methods` for the list, e.g. 'snapkv'")
     chosen: dict[str, Component] = {}
     for part in spec.split("+"):
+        if not part.strip():
+            raise KVSqueezeError(
+                f"empty component in {spec!r}; join one component per axis with '+', e.g. 'snapkv+kivi'"
+            )
         comp = parse_component(part)
         if (
             comp.axis == "codec"

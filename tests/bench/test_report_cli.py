@@ -97,6 +97,7 @@ def cli():
         (["--methods", "snapkv,quest:select=bogus"], "use select=token or select=step"),
         (["--methods", "snapkv+kivi:group=0"], "kivi: group must be >= 1"),
         (["--methods", "snapkv:window=8,window=16"], "parameter 'window' given twice"),
+        (["--methods", ","], "no method given"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):

@@ -64,6 +64,8 @@ def parse_methods(text: str) -> list[str]:
             pieces[-1] += "," + piece
         else:
             pieces.append(piece)
+    if not pieces:
+        raise KVSqueezeError("no method given; e.g. --methods snapkv,h2o (the full cache is always run)")
     specs: list[str] = []
     for piece in pieces:
         if piece.lower() in ("full", "none"):
