@@ -26,6 +26,8 @@ class Codec(Component):
     group: int = 1
 
     def check(self) -> None:
+        """The shared parameters at their bounds (:data:`LEAST`); subclasses add theirs after ``super().check()``."""
+        super().check()
         for key, least in LEAST.items():
             value = getattr(self, key, None)
             if isinstance(value, int) and value < least:
