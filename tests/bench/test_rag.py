@@ -146,7 +146,12 @@ def test_a_rag_sweep_reuses_chunks_across_samples_and_through_a_shared_store(tmp
 def test_bad_reuse_input_is_one_line(tmp_path):
     for text, match in [("nope", "unknown reuse strategy"), ("kvlink:recompute=-1", "recompute must be >= 0"),
                         ("kvlink:window=3", "valid parameters: recompute"), ("ape:temperature=x", "must be a float"),
-                        ("ape:scale=0", "scale must be > 0")]:  # fmt: skip
+                        ("ape:scale=0", "scale must be > 0"),
+                        ("ape:temperature=nan", "temperature must be a finite number"),
+                        ("ape:scale=inf", "scale must be a finite number"),
+                        ("cachecraft:max_deviation=nan", "max_deviation must be a finite number"),
+                        ("ape:temperature=0.5,temperature=0.8", "parameter 'temperature' given twice"),
+                        ("kvlink:recompute=4,recompute=8", "parameter 'recompute' given twice")]:  # fmt: skip
         with pytest.raises(KVSqueezeError, match=match):
             parse_reuse_list(text)
     assert parse_reuse_list("kvlink:recompute=0,ape:temperature=1,scale=0.5,full") == [

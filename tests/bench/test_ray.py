@@ -1,4 +1,5 @@
-"""``--executor ray`` on a local Ray started by the test (Ray is a pinned dev dependency: no skip)."""
+"""``--executor ray`` on a local Ray started by the test (Ray is a pinned dev dependency: no skip); a bad worker count
+or a Ray that cannot start is one line."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import sys
 
 import pytest
 import ray
+from typer.testing import CliRunner
 
 from kvsqueeze.bench.runner import SweepConfig, parse_methods, read_rows, run_sweep
 from kvsqueeze.bench.tasks import parse_tasks
+from kvsqueeze.cli import app
+from kvsqueeze.errors import KVSqueezeError
 from tests.bench.conftest import TinyProvider
 
 
@@ -61,3 +65,35 @@ def test_ray_workers_load_the_model_on_the_sweeps_device():
     assert default_factory(None, "float32", "cuda:1").device == "cuda:1"
     assert wants_gpu("cuda", 0) and wants_gpu("cuda:1", 4) and wants_gpu("auto", 2)
     assert not wants_gpu("cpu", 8) and not wants_gpu("auto", 0)  # --device cpu on a GPU cluster stays on the CPU
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_bad_worker_count_is_refused_when_the_executor_is_created(monkeypatch, value):
+    from kvsqueeze.bench.runner import get_executor
+
+    monkeypatch.setenv("KVSQUEEZE_RAY_WORKERS", value)
+    with pytest.raises(
+        KVSqueezeError, match=r"KVSQUEEZE_RAY_WORKERS must be a whole number >= 1, got .* \(Ray workers\); set e.g."
+    ) as err:
+        get_executor("ray")
+    assert "\n" not in str(err.value)
+
+
+def test_bench_refuses_a_bad_worker_count_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVSQUEEZE_RAY_WORKERS", "many")
+    result = CliRunner().invoke(app, ["bench", "--executor", "ray", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "KVSQUEEZE_RAY_WORKERS must be" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_a_ray_that_cannot_start_is_one_line(monkeypatch):
+    from kvsqueeze.bench.ray_executor import RayExecutor
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance at 10.0.0.9:6379.\nmore detail")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(KVSqueezeError, match=r"cannot start or reach Ray .*10\.0\.0\.9.*; check RAY_ADDRESS") as err:
+        RayExecutor(num_workers=1).run([], None, None, lambda row: None)
+    assert "\n" not in str(err.value)

@@ -93,6 +93,11 @@ def cli():
         # SnapKV always keeps its 32-token window: 10 % of 300 tokens (30) cannot hold it
         (["--methods", "snapkv", "--ratios", "0.9", "--context-length", "300"], "always keeps 32 tokens"),
         (["--task", "file:/nonexistent/data.jsonl"], "dataset file not found"),
+        # options checked when the spec is parsed, not when a cell runs (a failed row and exit 0 otherwise)
+        (["--methods", "snapkv,quest:select=bogus"], "use select=token or select=step"),
+        (["--methods", "snapkv+kivi:group=0"], "kivi: group must be >= 1"),
+        (["--methods", "snapkv:window=8,window=16"], "parameter 'window' given twice"),
+        (["--methods", ","], "no method given"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):
@@ -100,6 +105,17 @@ def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()  # rejected before any work
+
+
+def test_bench_help_lists_every_registered_task_and_dtype(cli):
+    from kvsqueeze.bench.tasks import DATASETS, GENERATORS
+    from kvsqueeze.models import DTYPES
+
+    params = {p.name: p.help for p in typer.main.get_command(cli).commands["bench"].params}
+    names = {part.strip().split(":")[0].split("[")[0] for part in params["task"].split(";")[0].split(",")}
+    assert names == {*GENERATORS, *DATASETS, "file"}  # scbench, convqa, longbench … were missing
+    assert all(f"{name}[:" in params["task"] for name in ("niah", "multiturn", "longgen", "rag", "scbench", "convqa"))
+    assert all(dtype in params["dtype"] for dtype in (*DTYPES, "auto"))
 
 
 def test_bench_malformed_jsonl(cli, tmp_path):
@@ -116,6 +132,10 @@ def test_report_command(cli, fixture_run, tmp_path):
     missing = CliRunner().invoke(cli, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no results.jsonl" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
+    results = fixture_run / "results.jsonl"
+    a_file = CliRunner().invoke(cli, ["report", str(results)])  # the results file instead of its directory
+    assert a_file.exit_code == 2 and f"{results} is a file, not a run directory" in a_file.output
+    assert f"kvsqueeze report {fixture_run}" in a_file.output and len(a_file.output.strip().splitlines()) == 1
 
 
 def _tables(md: str) -> list[list[str]]:

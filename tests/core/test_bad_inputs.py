@@ -115,8 +115,8 @@ def test_calibrate_heads_checks_its_output_and_model_before_any_work(tmp_path):
     _one_line(result, "model path not found")
 
 
-@pytest.mark.parametrize("command", ["fast_kvzip", "kvzip-heads"])
-def test_kvzip_calibrations_check_their_output_and_model_before_any_work(tmp_path, command):
+@pytest.mark.parametrize("command", ["fast_kvzip", "kvzip-heads", "kvtuner", "kvquant"])
+def test_calibrations_check_their_output_and_model_before_any_work(tmp_path, command):
     afile = tmp_path / "taken"
     afile.write_text("x")
     result = runner.invoke(app, ["calibrate", command, "--out", str(afile / "out")])

@@ -165,11 +165,19 @@ def test_ratio_zero_keeps_everything_and_matches_the_full_cache_exactly(llama):
         ({"method": "snapkv", "budget": 0}, "budget must be"),
         ({"method": "snapkv", "ratio": 0.5, "budget": 3}, "either a ratio or a budget"),
         ({"method": "nope"}, "unknown method component 'nope'"),
+        ({"method": None}, "method must be a spec string such as 'snapkv'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(llama, kwargs, message):
     with pytest.raises(KVSqueezeError, match=message):
         CompressedCache(llama, **kwargs)
+
+
+@pytest.mark.parametrize("model", [None, "HuggingFaceTB/SmolLM2-135M", "config"])
+def test_something_that_is_not_a_model_is_refused_at_construction(llama, model):
+    model = llama.config if model == "config" else model  # AttributeError: 'NoneType' ... 'config' before
+    with pytest.raises(KVSqueezeError, match="model must be a loaded transformers causal LM"):
+        CompressedCache(model, "snapkv", ratio=0.5)
 
 
 def test_budget_smaller_than_protected_window_is_a_clear_error(llama):

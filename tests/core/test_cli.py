@@ -19,6 +19,12 @@ def test_methods_lists_every_registered_component():
     assert {"none", "random", "streaming_llm", "h2o", "snapkv", "tova", "knorm", "keydiff", "dense"} <= names
 
 
+def test_methods_json_and_markdown_together_are_refused():
+    result = runner.invoke(app, ["methods", "--json", "--markdown"])  # --markdown silently won before
+    assert result.exit_code == 2 and "give --json or --markdown, not both" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -31,6 +37,8 @@ def test_methods_lists_every_registered_component():
         (["--method", "snapkv:window=x", "--context", "hi"], "bad parameters for 'snapkv'"),
         (["--method", "snapkv", "--context", "hi", "--dtype", "int3"], "unknown dtype 'int3'"),
         (["--method", "snapkv", "--context", "hi", "--model", "./no/such/dir"], "model path not found"),
+        (["--method", "snapkv+", "--context", "hi"], "empty component in 'snapkv+'"),
+        (["--method", "snapkv", "--context", "hi", "--device", "meta"], "device 'meta' holds no data"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

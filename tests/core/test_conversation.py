@@ -71,6 +71,28 @@ def test_codecs_follow_a_conversation_and_a_scorer_needs_a_budget(model):
         Conversation(model, tok, "snapkv")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "snapkv", "budget": 0}, "budget must be >= 1 token per KV head, got 0"),
+        ({"method": "snapkv", "budget": -4}, "budget must be >= 1 token per KV head, got -4"),
+        ({"method": "none", "max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1, got 0"),
+        ({"method": "none", "max_new_tokens": 2.5}, "max_new_tokens must be a whole number >= 1, got 2.5"),
+    ],
+)
+def test_a_budget_or_reply_length_below_one_is_refused(model, kwargs, message):
+    with pytest.raises(KVSqueezeError, match=message):
+        Conversation(model, CharTokenizer(), **kwargs)
+
+
+@pytest.mark.parametrize(("text", "max_new_tokens"), [("", None), ("  \n", None), (None, None), ("hi", 0)])
+def test_an_empty_turn_or_a_zero_reply_length_is_refused(model, text, max_new_tokens):
+    conv = Conversation(model, CharTokenizer(), "none", max_new_tokens=4)
+    with pytest.raises(KVSqueezeError, match=r"non-empty user turn|max_new_tokens must be"):
+        conv.say(text, max_new_tokens=max_new_tokens)
+    assert conv.messages == [] and conv.ids == []  # nothing was fed
+
+
 def test_render_uses_the_chat_template_when_there_is_one():
     class Templated(CharTokenizer):
         chat_template = "x"

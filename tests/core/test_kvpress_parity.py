@@ -11,6 +11,7 @@ from transformers import StoppingCriteria
 
 import kvsqueeze
 from kvsqueeze import CompressedCache, KVSqueezeError
+from kvsqueeze.pipeline import answer
 from tests.bench.conftest import CharTokenizer
 from tests.conftest import tiny_model
 
@@ -36,6 +37,11 @@ def test_pipeline_answers_every_question_from_one_compressed_context(model):
         pipe(CONTEXT)
     with pytest.raises(KVSqueezeError, match="non-empty"):
         pipe(CONTEXT, questions=["ok", " "])
+    for n in (0, -1, 2.5):  # transformers' ValueError (0, -1) or a silently truncated 2.5 before
+        with pytest.raises(KVSqueezeError, match="max_new_tokens must be a whole number >= 1"):
+            pipe(CONTEXT, question="who?", max_new_tokens=n)
+        with pytest.raises(KVSqueezeError, match="max_new_tokens must be a whole number >= 1"):
+            answer(model, tok, "none", CONTEXT, "who?", max_new_tokens=n)
 
 
 def test_compress_scope_equals_an_explicit_cache_and_leaves_the_model_as_it_was(model):

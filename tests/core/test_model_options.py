@@ -33,8 +33,25 @@ def test_devices_this_machine_lacks_are_refused():
             parse_device("cuda")
 
 
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")])
+def test_the_meta_device_is_refused(device):
+    with pytest.raises(KVSqueezeError, match="device 'meta' holds no data"):
+        parse_device(device)
+
+
+@pytest.mark.parametrize("device", ["xpu", "xpu:1", "hpu", "xla", "mtia", "privateuseone"])
+def test_accelerators_this_machine_lacks_are_refused(device):
+    if device.startswith("xpu") and hasattr(torch, "xpu") and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(KVSqueezeError, match=f"device '{device}' is not available on this machine"):
+        parse_device(device)
+
+
 @pytest.mark.parametrize("command", [["generate", "--question", "q?", "--context", "text"], ["bench"]])
 def test_cli_device_is_checked_before_any_model_work(command):
     result = CliRunner().invoke(app, [*command, "--device", "tpu-ish"])
     assert result.exit_code == 2 and "unknown device 'tpu-ish'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(app, [*command, "--device", "meta"])
+    assert result.exit_code == 2 and "holds no data" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -103,7 +103,21 @@ def test_what_cannot_be_loaded_is_refused_in_one_line(tmp_path, monkeypatch):
         CompressedCache.load(tmp_path / "missing.safetensors", lm)
     with pytest.raises(KVSqueezeError, match="is a directory"):
         cache.save(tmp_path)
+    with pytest.raises(KVSqueezeError, match="model must be a loaded transformers causal LM, got NoneType"):
+        CompressedCache.load(path, None)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+@pytest.mark.parametrize("under", ["c.safetensors", "sub/c.safetensors"])
+def test_saving_under_a_file_names_that_file(tmp_path, under):
+    lm = tiny_model("llama")
+    cache = CompressedCache(lm, "none")
+    cache.prefill(lm, ids(10))
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    with pytest.raises(KVSqueezeError, match=f"{taken} is a file, not a folder\\); give a writable path") as err:
+        cache.save(taken / under)  # the OS says only "File exists" / "Not a directory"
+    assert "\n" not in str(err.value)
 
 
 def test_backend_quantized_blocks_are_refused_at_save(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvsqueeze.core.attention_math import fused_partial_attention
+from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.reuse.ape import APEBlock, ape_cache
 from tests.conftest import tiny_model
 
@@ -68,3 +69,10 @@ def test_an_ape_cache_saves_and_loads_bit_for_bit(tmp_path):
     loaded = CompressedCache.load(cache.save(tmp_path / "ape.safetensors"), model)
     query = ids(3, 12)
     assert torch.equal(query_logits(model, cache.fork(), query), query_logits(model, loaded, query))
+
+
+@pytest.mark.parametrize(("temperature", "scale"), [(math.nan, 0.9), (0.9, math.inf), (0.0, 0.9), (0.9, -1.0)])
+def test_temperature_and_scale_must_be_finite_and_positive(temperature, scale):
+    model = tiny_model("llama")
+    with pytest.raises(KVSqueezeError, match="must be finite numbers > 0"):
+        ape_cache(model, ids(6, 1), [ids(8, 2)], temperature=temperature, scale=scale)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import re
 import time
 
 import pytest
@@ -122,6 +123,33 @@ def test_bad_stores_and_corrupt_entries_are_one_line(tmp_path):
         kv.load(key, model)
     with pytest.raises(KVSqueezeError, match="does not know its tokens"):
         kv.save(CompressedCache(model, "none"), model)
+    with pytest.raises(KVSqueezeError, match="model must be a loaded transformers causal LM"):
+        kv.save(c, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:99999/0", "bad Redis store URL 'redis://127.0.0.1:99999/0' (Port out of range"),
+        ("redis://127.0.0.1:port/0", "bad Redis store URL 'redis://127.0.0.1:port/0' (Port could not be cast"),
+        ("redis://127.0.0.1:1/0", "start redis-server there or fix the URL"),
+    ],
+)
+def test_a_redis_url_with_a_bad_port_is_one_line(url, message):
+    pytest.importorskip("redis")
+    with pytest.raises(KVSqueezeError, match=re.escape(message)) as err:
+        store.open(url)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_directory_store_at_a_file_names_that_file(tmp_path, under):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    with pytest.raises(
+        KVSqueezeError, match=re.escape(f"({taken} is a file, not a folder); give a writable directory")
+    ):
+        store.open(taken / under if under else taken)
 
 
 def _hammer(url: str, worker: int, rounds: int, sizes: tuple[int, int], failures) -> None:

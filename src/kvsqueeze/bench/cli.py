@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from kvsqueeze.bench.tasks import task_help
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import DTYPE_HELP
 
 
 def _user_errors(func):
@@ -31,13 +33,7 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command()
     def bench(
-        task: Annotated[
-            str,
-            typer.Option(
-                help="niah[:variant], vt, cwe, fwe, ppl, fidelity, multiturn, speed, longgen[:tokens], "
-                "rag[:documents], file:PATH.jsonl; comma-separated for several"
-            ),
-        ] = "niah",
+        task: Annotated[str, typer.Option(help=task_help())] = "niah",
         methods: Annotated[str, typer.Option(help="comma-separated method specs (the full cache is always run)")] = (
             "snapkv,h2o,streaming_llm"
         ),
@@ -49,7 +45,7 @@ def add_commands(app: typer.Typer) -> None:
         ] = None,
         out: Annotated[Path, typer.Option(help="run directory (results.jsonl, summary, plots)")] = Path("runs/bench"),
         model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,
-        dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | mps | auto (local executor)")] = "cpu",
         seed: Annotated[int, typer.Option(help="seed of the task generators")] = 0,
         query_aware: Annotated[

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.validation import check_count
 
 
 def default_factory(model: str | None, dtype: str, device: str = "auto"):
@@ -22,6 +23,19 @@ def default_factory(model: str | None, dtype: str, device: str = "auto"):
     from kvsqueeze.bench.runner import ModelProvider
 
     return ModelProvider(model, dtype, device=device)
+
+
+WORKERS_ENV = "KVSQUEEZE_RAY_WORKERS"
+
+
+def cpu_workers() -> int:
+    """CPU actors of a sweep that does not run on GPUs: ``KVSQUEEZE_RAY_WORKERS`` (unset or empty: 1), a whole
+    number >= 1."""
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if not text:
+        return 1
+    fix = f" (Ray workers); set e.g. {WORKERS_ENV}=4, or unset it for one"
+    return check_count(int(text) if text.isdigit() else text, WORKERS_ENV, fix)
 
 
 def wants_gpu(device: str, cluster_gpus: int) -> bool:
@@ -45,7 +59,8 @@ class RayExecutor:
                 "--executor ray needs the 'ray' extra: pip install 'kvsqueeze[ray]' (or use --executor local)"
             ) from None
         self.provider_factory = provider_factory
-        self.num_workers = num_workers
+        self.num_workers = None if num_workers is None else check_count(num_workers, "num_workers (Ray workers)")
+        self.cpu_workers = cpu_workers()  # checked here: before the sweep loads anything
         self.init_kwargs = init_kwargs or {}
 
     def run(self, jobs, config, provider, on_row) -> None:
@@ -55,13 +70,20 @@ class RayExecutor:
         from kvsqueeze.bench.runner import environment, open_store, run_job
 
         if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
+            try:
+                ray.init(ignore_reinit_error=True, log_to_driver=False, **self.init_kwargs)
+            except Exception as exc:  # ConnectionError, RuntimeError, ValueError … (an address it cannot use)
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise KVSqueezeError(
+                    f"cannot start or reach Ray ({type(exc).__name__}: {first}); check RAY_ADDRESS (unset it for a "
+                    "local Ray) or use --executor local"
+                ) from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         device = getattr(config, "device", "auto") or "auto"
         gpu = wants_gpu(device, gpus)
         if gpu and device != "auto" and not gpus:
             raise KVSqueezeError(f"--device {device} with --executor ray: the Ray cluster has no GPU; use --device cpu")
-        workers = self.num_workers or (gpus if gpu else 0) or int(os.environ.get("KVSQUEEZE_RAY_WORKERS", "1"))
+        workers = self.num_workers or (gpus if gpu else 0) or self.cpu_workers
         factory = self.provider_factory or (lambda: default_factory(config.model, config.dtype, device))
         env = environment()
 

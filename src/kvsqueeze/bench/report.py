@@ -31,7 +31,7 @@ from pathlib import Path
 
 from kvsqueeze.bench.runner import RESULTS, latest_rows, scan_rows
 from kvsqueeze.bench.scoring import interval, is_binary
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.errors import KVSqueezeError, os_reason
 
 LOWER_IS_BETTER = {"ppl": "perplexity", "fidelity": "KL(full ‖ compressed), nats"}
 SCORE_LABELS = {"longgen": "top-1 agreement with the full cache's generation (higher is better)"}
@@ -524,6 +524,11 @@ def render(out_dir: str | Path, warn: Callable[[str], None] | None = None) -> li
     summary listing the failures is still written then)."""
     out = Path(out_dir)
     path = out / RESULTS
+    if out.exists() and not out.is_dir():
+        raise KVSqueezeError(
+            f"{out} is a file, not a run directory; give the --out directory of `kvsqueeze bench`"
+            + (f": kvsqueeze report {out.parent}" if out.name == RESULTS else "")
+        )
     if not path.is_file():
         raise KVSqueezeError(f"no {RESULTS} in {out}; run `kvsqueeze bench --out {out}` first")
     scan = scan_rows(path)
@@ -548,7 +553,7 @@ def render(out_dir: str | Path, warn: Callable[[str], None] | None = None) -> li
         if rows:
             written += _plots(rows, summary, out)
     except OSError as exc:
-        raise KVSqueezeError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
+        raise KVSqueezeError(f"cannot write the report into {out}: {os_reason(exc, out)}") from None
     if not rows:
         first = next((r.get("error") for r in all_rows if r.get("error")), "no error message")
         raise KVSqueezeError(

@@ -38,7 +38,7 @@ from pathlib import Path
 from kvsqueeze.bench.evaluators import Cell, evaluator_for
 from kvsqueeze.bench.tasks import TaskSpec, default_lengths, generate, generated_tokens, task_version
 from kvsqueeze.bench.tasks.base import Sample
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.errors import KVSqueezeError, os_reason
 from kvsqueeze.prompts import encode
 from kvsqueeze.spec import parse_method
 
@@ -64,6 +64,8 @@ def parse_methods(text: str) -> list[str]:
             pieces[-1] += "," + piece
         else:
             pieces.append(piece)
+    if not pieces:
+        raise KVSqueezeError("no method given; e.g. --methods snapkv,h2o (the full cache is always run)")
     specs: list[str] = []
     for piece in pieces:
         if piece.lower() in ("full", "none"):
@@ -404,7 +406,7 @@ def prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise KVSqueezeError(
-            f"cannot write to --out {out}: {exc.strerror or exc}; choose a writable directory"
+            f"cannot write to --out {out}: {os_reason(exc, out)}; choose a writable directory"
         ) from None
 
 

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from kvsqueeze.calibration.store import write_json
 from kvsqueeze.core.compat import with_cache
 from kvsqueeze.data import essays
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.errors import KVSqueezeError, os_reason
 from kvsqueeze.models import EMBEDDED_NAME, cache_dir, load_model
 from kvsqueeze.progress import NO_PROGRESS, Steps
 
@@ -160,7 +160,7 @@ def check_output_path(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise KVSqueezeError(f"cannot write the calibration to {path}: {exc.strerror or exc}") from None
+        raise KVSqueezeError(f"cannot write the calibration to {path}: {os_reason(exc, path)}") from None
 
 
 def calibrate_heads(model: str | None, out: Path | None = None, progress: Steps = NO_PROGRESS) -> Path:

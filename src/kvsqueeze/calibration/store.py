@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.data import essays
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.errors import KVSqueezeError, os_reason
 from kvsqueeze.models import cache_dir
 
 
@@ -71,7 +71,7 @@ def write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
     except OSError as exc:
-        raise KVSqueezeError(f"cannot write {path} ({exc.strerror or exc}); give --out a writable path") from None
+        raise KVSqueezeError(f"cannot write {path} ({os_reason(exc, path)}); give --out a writable path") from None
 
 
 def read_file(path: str | Path, parse: Callable[[Path], object]):

@@ -6,7 +6,12 @@ import torch
 
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.core.storage import KVBlock
+from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.spec import Component
+
+# the smallest value of parameters several codecs share: the full-precision tail (``residual``), its flush size
+# (``group``), tokens per quantization group (``size``, 0: the whole head) and per page of a retrieval codec (``page``)
+LEAST = {"residual": 0, "group": 1, "size": 0, "page": 1}
 
 
 class Codec(Component):
@@ -19,6 +24,14 @@ class Codec(Component):
     axis = "codec"
     residual: int = 0
     group: int = 1
+
+    def check(self) -> None:
+        """The shared parameters at their bounds (:data:`LEAST`); subclasses add theirs after ``super().check()``."""
+        super().check()
+        for key, least in LEAST.items():
+            value = getattr(self, key, None)
+            if isinstance(value, int) and value < least:
+                raise KVSqueezeError(f"{self.name}: {key} must be >= {least}, got {value}")
 
     @property
     def is_dense(self) -> bool:

@@ -103,12 +103,17 @@ class BFPCodec(Codec):
     ksort: bool = True
     group: int = 32
 
+    def check(self) -> None:
+        super().check()
+        if not 2 <= self.bits <= 8 or self.block < 1:
+            raise KVSqueezeError(f"bfp needs 2 <= bits <= 8 and block >= 1, got bits={self.bits}, block={self.block}")
+
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
         if ctx is None:  # decode-time flush: encoded by extend() with the block's channel order
             return DenseBlock(keys, values, lengths)
         D = keys.shape[-1]
-        if not 2 <= self.bits <= 8 or D % self.block:
-            raise KVSqueezeError(f"bfp needs 2 <= bits <= 8 and block dividing head_dim {D}, e.g. bfp:bits=4,block=16")
+        if D % self.block:
+            raise KVSqueezeError(f"bfp needs a block dividing head_dim {D}, e.g. bfp:bits=4,block=16")
         counts = lengths.flatten().tolist()
         perms = [
             ksort(k_h.float()) if self.ksort and k_h.shape[0] else torch.arange(D, device=keys.device)

@@ -118,9 +118,14 @@ class GEARCodec(Codec):
     outliers: float = 0.02
     niter: int = 2
 
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.outliers < 0.5 or self.rank < 0 or self.niter < 0:
+            raise KVSqueezeError(
+                "gear needs 0 <= outliers < 0.5, rank >= 0 and niter >= 0, e.g. gear:rank=4,outliers=0.02"
+            )
+
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        if not 0.0 <= self.outliers < 0.5 or self.rank < 0:
-            raise KVSqueezeError("gear needs 0 <= outliers < 0.5 and rank >= 0, e.g. gear:rank=4,outliers=0.02")
         key_per = "channel" if self.backbone == "kivi" else "token"
         args = (self.bits, self.group, self.rank, self.outliers, self.niter)
         k = GearTensor.encode(keys, lengths, self.bits, key_per, *args[1:])

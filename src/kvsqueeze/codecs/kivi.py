@@ -37,8 +37,6 @@ class KIVICodec(Codec):
     residual: int = 128
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        if self.group < 1:
-            raise KVSqueezeError(f"kivi group must be >= 1, got {self.group}")
         D = keys.shape[-1]
         size = min(self.group, D)
         if D % size:

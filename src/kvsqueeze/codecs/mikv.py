@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, ChannelQ, QuantBlock, TokenQ, interleave
@@ -70,7 +71,7 @@ class MiKVCodec(Codec):
     low: Bits = 2
     ratio: float = 0.8
     group: int = 32
-    window: int = 32
+    window: int = Field(32, ge=1)
 
     def importance(self, ctx) -> torch.Tensor:
         """Scores ``[B, H, L]``: the scorer's when the cache ran one, else attention of the last queries."""
@@ -79,9 +80,12 @@ class MiKVCodec(Codec):
         attn = ctx.window_attention(self.window)  # [B, Hq, w, L]
         return ctx.per_kv_head(attn.sum(2))
 
-    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
+    def check(self) -> None:
+        super().check()
         if not 0.0 <= self.ratio <= 1.0:
             raise KVSqueezeError(f"mikv ratio (fraction at low precision) must be in [0, 1], got {self.ratio}")
+
+    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
         if ctx is None or ctx.stored is None:  # decode-time flush: recent tokens at high precision
             return _kivi(keys, values, lengths, self.high, self.group)
         scores = self.importance(ctx)[ctx.stored]  # flat, same order as keys/values

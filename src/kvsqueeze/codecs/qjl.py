@@ -174,11 +174,19 @@ class QJLCodec(Codec):
     seed: int = 0
     group: int = 32
 
+    def check(self) -> None:
+        super().check()
+        if self.sketch < 0 or self.sketch % 8 or self.out_sketch < 8 or self.out_sketch % 8 or self.outliers < 0:
+            raise KVSqueezeError(
+                f"qjl needs sketch=0 (2 x head_dim) or a positive multiple of 8, out_sketch a positive multiple of 8 "
+                f"and outliers >= 0, got sketch={self.sketch}, out_sketch={self.out_sketch}, outliers={self.outliers}"
+            )
+
     def _sizes(self, D: int) -> tuple[int, int, int]:
         m = self.sketch or 2 * D
-        if m % 8 or m < 8 or self.out_sketch % 8 or self.out_sketch < 8:
-            raise KVSqueezeError(f"qjl sketch sizes must be positive multiples of 8, got {m} and {self.out_sketch}")
-        if not 0 <= self.outliers < D or D > 256:
+        if m % 8:
+            raise KVSqueezeError(f"qjl sketch 2 x head_dim = {m} is not a multiple of 8; give sketch=N (8, 16, …)")
+        if self.outliers >= D or D > 256:
             raise KVSqueezeError(f"qjl outliers must be in [0, head_dim) with head_dim <= 256, got {self.outliers}")
         return m, min(self.size, D) if self.size else D, self.outliers
 

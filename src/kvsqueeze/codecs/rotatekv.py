@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 
 from kvsqueeze.codecs.base import Codec
 from kvsqueeze.codecs.quant import Bits, TokenQ, interleave
@@ -136,8 +137,8 @@ class RotateKVCodec(Codec):
 
     bits: Bits = 2
     size: int = 32
-    block: int = 0
-    sinks: int = 4
+    block: int = Field(0, ge=0)
+    sinks: int = Field(4, ge=0)
     group: int = 32
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:

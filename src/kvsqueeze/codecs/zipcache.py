@@ -100,11 +100,14 @@ class ZipCacheCodec(Codec):
     size: int = 0
     group: int = 32
 
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.salient <= 1.0 or not 0.0 < self.probe <= 1.0:
+            raise KVSqueezeError("zipcache needs 0 <= salient <= 1 and 0 < probe <= 1, e.g. zipcache:salient=0.4")
+
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
         if ctx is None or ctx.stored is None:  # decode flush: quantized by extend() with the layer's scales
             return DenseBlock(keys, values, lengths)
-        if not 0.0 <= self.salient <= 1.0 or not 0.0 < self.probe <= 1.0:
-            raise KVSqueezeError("zipcache needs 0 <= salient <= 1 and 0 < probe <= 1, e.g. zipcache:salient=0.4")
         D = keys.shape[-1]
         size = min(self.size, D) if self.size else D
         counts = lengths.flatten().tolist()

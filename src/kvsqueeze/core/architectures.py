@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers import PretrainedConfig
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from kvsqueeze.errors import KVSqueezeError
@@ -22,8 +23,19 @@ class LayerPlan:
     sliding_window: int | None = None
 
 
+def check_model(model) -> None:
+    """Refuse, in one line, what is not a loaded transformers model (``None``, a model id string, a tokenizer …)."""
+    if not isinstance(getattr(model, "config", None), PretrainedConfig) or not hasattr(model, "modules"):
+        what = f"the string {model!r}" if isinstance(model, str) else type(model).__name__
+        raise KVSqueezeError(
+            f"model must be a loaded transformers causal LM, got {what}; load one first, e.g. "
+            "model, tokenizer = kvsqueeze.load_model() or AutoModelForCausalLM.from_pretrained(...)"
+        )
+
+
 def plan_layers(model) -> list[LayerPlan]:
     """One :class:`LayerPlan` per decoder layer of ``model``, or a one-line refusal."""
+    check_model(model)
     name = type(model).__name__
     config = model.config.get_text_config()
     if getattr(model.config, "is_encoder_decoder", False):

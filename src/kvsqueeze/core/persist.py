@@ -35,7 +35,8 @@ import torch
 from pydantic import BaseModel
 from transformers import PretrainedConfig
 
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.core.architectures import check_model
+from kvsqueeze.errors import KVSqueezeError, os_reason
 
 FORMAT = 1
 KEY = "kvsqueeze"
@@ -251,7 +252,9 @@ def save(cache, path: str | os.PathLike) -> Path:
     try:
         write_atomically(path, blob)
     except OSError as exc:
-        raise KVSqueezeError(f"cannot write the cache to {path}: {exc.strerror or exc}") from None
+        raise KVSqueezeError(
+            f"cannot write the cache to {path} ({os_reason(exc, path)}); give a writable path"
+        ) from None
     return path
 
 
@@ -334,6 +337,7 @@ def load_bytes(cls, data: bytes, model, tokenizer=None, where: str = "the blob")
 def rebuild(cls, header: dict, state: dict, storages: dict, model, tokenizer, path):
     from kvsqueeze.spec import parse_method
 
+    check_model(model)
     method = parse_method(header.get("method", ""))
     check_header(header, method, model, path)
     ratio = header.get("layer_ratios") or header.get("ratio")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from pydantic import Field
 
 from kvsqueeze.core.compressor import aligned
 from kvsqueeze.core.context import DecodeStep, LayerContext, per_kv_head
@@ -52,7 +53,7 @@ class H2O(Scorer):
     family = "eviction"
     paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
     arxiv = "2306.14048"
-    recent_fraction: float = 0.5
+    recent_fraction: float = Field(0.5, ge=0.0, le=1.0)
     needs_attention: ClassVar[bool] = True  # decoding schedules hand observe() the new queries' attention
 
     def observe(self, state: dict, step: DecodeStep) -> None:

@@ -8,6 +8,7 @@ positions within the cache) — kvsqueeze keeps original positions everywhere, a
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.policies.base import PROTECTED, Scorer
@@ -20,7 +21,7 @@ class StreamingLLM(Scorer):
     family = "eviction"
     paper = "Efficient Streaming Language Models with Attention Sinks"
     arxiv = "2309.17453"
-    sinks: int = 4
+    sinks: int = Field(4, ge=0)
 
     def protected(self, length: int) -> int:
         return min(self.sinks, length)

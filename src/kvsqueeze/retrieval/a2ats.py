@@ -40,7 +40,7 @@ from kvsqueeze.core.rope import rope_params, rotate_half_pairs, unrope
 from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.core.tiers import ColdStore, paginate, unpaginate
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.retrieval.base import NEVER, RetrievalCodec, top_pages
+from kvsqueeze.retrieval.base import RetrievalCodec, top_pages
 from kvsqueeze.retrieval.kmeans import kmeans
 from kvsqueeze.spec import register
 
@@ -145,6 +145,12 @@ class A2ATSCodec(RetrievalCodec):
     iters: int = 8
     distance: int = 512
     sinks: int = 4
+    fixed_window = True
+
+    def check(self) -> None:
+        super().check()
+        if not 1 <= self.codebook <= 32767 or self.iters < 0 or self.distance < 0 or self.sinks < 0:
+            raise KVSqueezeError("a2ats: codebook must be in 1..32767, iters, distance and sinks >= 0")
 
     def attach(self, host, model) -> None:
         text = model.config.get_text_config()
@@ -157,11 +163,8 @@ class A2ATSCodec(RetrievalCodec):
         host.shared_state[ROPE] = (inv, scale)
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if ctx is None or self.group != NEVER:
+        if ctx is None:
             raise KVSqueezeError("a2ats keeps decoded tokens in its hot window; drop group=")
-        if not 1 <= self.codebook <= 32767 or self.iters < 0 or self.distance < 0 or self.sinks < 0:
-            raise KVSqueezeError("a2ats: codebook must be in 1..32767, iters, distance and sinks >= 0")
         rope = ctx.shared.get(ROPE)
         if rope is None:
             raise KVSqueezeError("a2ats needs the model's RoPE: build the cache with CompressedCache(model, ...)")

@@ -37,7 +37,7 @@ from kvsqueeze.core.attention_math import partial_attention
 from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.core.tiers import ColdStore, paginate, unpaginate
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.retrieval.base import NEVER, RetrievalCodec
+from kvsqueeze.retrieval.base import RetrievalCodec
 from kvsqueeze.spec import register
 
 
@@ -130,13 +130,16 @@ class ActQKVCodec(RetrievalCodec):
     window: int = 16
     reps: int = 2
     least: int = 1
+    fixed_window = True
 
-    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if ctx is None or self.group != NEVER:
-            raise KVSqueezeError("actqkv keeps decoded tokens in its hot window; drop group=")
+    def check(self) -> None:
+        super().check()
         if self.window < 1 or self.reps < 1 or self.least < 1:
             raise KVSqueezeError("actqkv: window, reps and least must be >= 1")
+
+    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
+        if ctx is None:
+            raise KVSqueezeError("actqkv keeps decoded tokens in its hot window; drop group=")
         device, D, Dv = keys.device, keys.shape[-1], values.shape[-1]
         c = self.window
         kp, counts = paginate(keys, lengths, c)  # [B, H, P, c, D]

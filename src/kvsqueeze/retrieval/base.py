@@ -11,6 +11,8 @@ every kept token, so the kept tokens are only moved to the cold tier).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from kvsqueeze.codecs.base import Codec
@@ -32,20 +34,25 @@ class RetrievalCodec(Codec):
     tier: str = "ram"
     dir: str = ""
     fetch: int = 0
+    fixed_window: ClassVar[bool] = False  # decoded tokens stay in the hot window: ``group`` is not a parameter
 
     @property
     def retrieves(self) -> bool:
         return True
 
     def check(self) -> None:
+        super().check()
         if self.tier not in BACKENDS:
             raise KVSqueezeError(f"{self.name}: unknown tier {self.tier!r}; use tier=ram or tier=disk")
-        if self.residual < 0 or self.fetch < 0 or self.group < 1:
-            raise KVSqueezeError(f"{self.name}: residual and fetch must be >= 0 and group >= 1")
-        if self.tier == "disk":
-            check_directory(self.dir or None)
+        if self.fetch < 0:
+            raise KVSqueezeError(f"{self.name}: fetch must be >= 0 tokens, got {self.fetch}")
+        if self.fixed_window and self.group != NEVER:
+            raise KVSqueezeError(f"{self.name} keeps decoded tokens in its hot window; drop group=")
 
     def store_for(self, device) -> ColdStore:
+        """The cold store of a block (the disk tier's directory is checked here, where it is used)."""
+        if self.tier == "disk":
+            check_directory(self.dir or None)
         return ColdStore(self.tier, self.dir or None, device)
 
     def fetch_tokens(self, ctx: LayerContext | None, overhead: float, unit: int, what: str) -> int | None:

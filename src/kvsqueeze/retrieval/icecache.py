@@ -160,15 +160,17 @@ class IceCacheCodec(RetrievalCodec):
     clusters: int = 0  # 0: one per 32 tokens of the longest head
     iters: int = 8
 
+    def check(self) -> None:
+        super().check()
+        if self.clusters < 0 or self.iters < 0:
+            raise KVSqueezeError("icecache: clusters and iters must be >= 0")
+
     def attach(self, host, model) -> None:
         text = model.config.get_text_config()
         if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
             raise KVSqueezeError("icecache needs full-attention layers only (the model has sliding windows); use quest")
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if self.page < 1 or self.clusters < 0 or self.iters < 0:
-            raise KVSqueezeError("icecache: page must be >= 1, clusters and iters >= 0")
         if ctx is None:  # decoded tokens flushed from the window: :meth:`extend` inserts them into the index
             return DenseBlock(keys, values, lengths)
         device, D, Dv = keys.device, keys.shape[-1], values.shape[-1]

@@ -38,7 +38,7 @@ from kvsqueeze.core.attention_math import partial_attention
 from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.core.tiers import ColdStore, paginate, record_fetch, unpaginate
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.retrieval.base import NEVER, RetrievalCodec
+from kvsqueeze.retrieval.base import RetrievalCodec
 from kvsqueeze.spec import register
 
 
@@ -136,15 +136,18 @@ class LeoAMCodec(RetrievalCodec):
     chunk: int = 32
     window: int = 32
     warm: float = 0.0
+    fixed_window = True
 
-    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if ctx is None or self.group != NEVER:
-            raise KVSqueezeError("leoam keeps decoded tokens in its hot window; drop group=")
+    def check(self) -> None:
+        super().check()
         if not 0.0 < self.mass <= 1.0 or self.chunk < 1 or self.window < 1 or not 0.0 <= self.warm <= 1.0:
             raise KVSqueezeError("leoam: mass must be in (0, 1], chunk and window >= 1, warm in [0, 1]")
         if self.warm and self.tier != "disk":
             raise KVSqueezeError("leoam: warm= caches chunks in RAM in front of a disk tier; add tier=disk")
+
+    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
+        if ctx is None:
+            raise KVSqueezeError("leoam keeps decoded tokens in its hot window; drop group=")
         device, D, Dv = keys.device, keys.shape[-1], values.shape[-1]
         kp, counts = paginate(keys, lengths, 1)  # [B, H, S, 1, D]: one token per page
         vp, _ = paginate(values, lengths, 1)

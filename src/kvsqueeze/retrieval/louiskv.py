@@ -202,6 +202,13 @@ class LouisKVCodec(RetrievalCodec):
     out_segments: int = 2
     sinks: int = 4  # the first tokens, retrieved with every set (attention sinks)
 
+    def check(self) -> None:
+        super().check()
+        if self.cluster < 1 or self.iters < 1 or self.out_segments < 1 or not -1.0 <= self.threshold <= 1.0:
+            raise KVSqueezeError("louiskv: cluster, iters and out_segments must be >= 1, threshold in [-1, 1]")
+        if self.sinks < 0:
+            raise KVSqueezeError(f"louiskv: sinks must be >= 0, got {self.sinks}")
+
     def output_block(self, keys, values, lengths) -> LouisKVBlock:
         """Segments of ``group`` tokens of a flushed window (every head the same count, a multiple of ``group``)."""
         B, H = lengths.shape
@@ -216,11 +223,6 @@ class LouisKVCodec(RetrievalCodec):
                             threshold=self.threshold, lengths=lengths, dim=keys.shape[-1])  # fmt: skip
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if self.cluster < 1 or self.iters < 1 or self.out_segments < 1 or not -1.0 <= self.threshold <= 1.0:
-            raise KVSqueezeError("louiskv: cluster, iters and out_segments must be >= 1, threshold in [-1, 1]")
-        if self.sinks < 0:
-            raise KVSqueezeError(f"louiskv: sinks must be >= 0, got {self.sinks}")
         if ctx is None:
             return self.output_block(keys, values, lengths)
         device, D, Dv = keys.device, keys.shape[-1], values.shape[-1]

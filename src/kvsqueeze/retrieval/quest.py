@@ -131,14 +131,14 @@ class QuestCodec(RetrievalCodec):
     select: str = "token"
     summary_bits: int = 0
 
-    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if self.page < 1:
-            raise KVSqueezeError(f"quest: page must be >= 1 token, got {self.page}")
+    def check(self) -> None:
+        super().check()
         if self.select not in ("token", "step"):
             raise KVSqueezeError(f"quest: unknown select={self.select!r}; use select=token or select=step")
         if self.summary_bits not in (0, 8):
             raise KVSqueezeError(f"quest: summary_bits must be 0 (the model's dtype) or 8, got {self.summary_bits}")
+
+    def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
         kp, counts = paginate(keys, lengths, self.page)
         vp, _ = paginate(values, lengths, self.page)
         present = (torch.arange(self.page, device=keys.device)[None, None, None, :] < counts[..., None])[..., None]

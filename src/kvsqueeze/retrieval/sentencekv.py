@@ -39,7 +39,7 @@ from kvsqueeze.core.attention_math import partial_attention
 from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.core.tiers import ColdStore, paginate, unpaginate
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.retrieval.base import NEVER, RetrievalCodec
+from kvsqueeze.retrieval.base import RetrievalCodec
 from kvsqueeze.spec import register
 
 TERMINATOR = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?:\n+|(?=\s|$))|\n+")
@@ -122,6 +122,12 @@ class SentenceKVCodec(RetrievalCodec):
 
     max_sentence: int = 64
     sinks: int = 4  # the first tokens, fetched every step (attention sinks)
+    fixed_window = True
+
+    def check(self) -> None:
+        super().check()
+        if self.max_sentence < 1 or self.sinks < 0:
+            raise KVSqueezeError(f"sentencekv: max_sentence must be >= 1 token and sinks >= 0, got {self.max_sentence}")
 
     def attach(self, host, model) -> None:
         if getattr(host, "tokenizer", None) is None:
@@ -132,11 +138,8 @@ class SentenceKVCodec(RetrievalCodec):
         host.follow_tokens(model)  # the live path records the ids of every forward
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if ctx is None or self.group != NEVER:
+        if ctx is None:
             raise KVSqueezeError("sentencekv keeps decoded tokens in its hot window; drop group=")
-        if self.max_sentence < 1 or self.sinks < 0:
-            raise KVSqueezeError(f"sentencekv: max_sentence must be >= 1 token and sinks >= 0, got {self.max_sentence}")
         if ctx.tokens is None or ctx.tokenizer is None:
             raise KVSqueezeError(
                 "sentencekv needs the token ids and the tokenizer: build the cache with "

@@ -34,7 +34,7 @@ from kvsqueeze.core.rope import rope_params, rotate_half_pairs, unrope
 from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.core.tiers import ColdStore, paginate, unpaginate
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.retrieval.base import NEVER, RetrievalCodec, top_pages
+from kvsqueeze.retrieval.base import RetrievalCodec, top_pages
 from kvsqueeze.spec import register
 
 ROPE = "shadowkv_rope"  # shared_state: (inverse frequencies, attention scaling) of the model's RoPE
@@ -108,6 +108,12 @@ class ShadowKVCodec(RetrievalCodec):
     rank: int = 0  # 0: head_dim // 6
     chunk: int = 8
     outliers: float = 0.015
+    fixed_window = True
+
+    def check(self) -> None:
+        super().check()
+        if self.chunk < 1 or not 0.0 <= self.outliers < 1.0 or self.rank < 0:
+            raise KVSqueezeError("shadowkv: chunk must be >= 1, outliers in [0, 1), rank >= 0")
 
     def attach(self, host, model) -> None:
         text = model.config.get_text_config()
@@ -120,11 +126,8 @@ class ShadowKVCodec(RetrievalCodec):
         host.shared_state[ROPE] = (inv, scale)
 
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
-        self.check()
-        if ctx is None or self.group != NEVER:
+        if ctx is None:
             raise KVSqueezeError("shadowkv keeps decoded tokens in its hot window; drop group=")
-        if self.chunk < 1 or not 0.0 <= self.outliers < 1.0 or self.rank < 0:
-            raise KVSqueezeError("shadowkv: chunk must be >= 1, outliers in [0, 1), rank >= 0")
         rope = ctx.shared.get(ROPE)
         if rope is None:
             raise KVSqueezeError("shadowkv needs the model's RoPE: build the cache with CompressedCache(model, ...)")

@@ -20,6 +20,9 @@ is plain parallel encoding. Full-attention models with RoPE over the whole head 
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from kvsqueeze.core.cache import CompressedCache
@@ -63,6 +66,12 @@ def encode_contexts(model, prefix_ids: torch.Tensor, contexts: list[torch.Tensor
     return prefix, encoded
 
 
+def check_parameters(temperature: float, scale: float) -> None:
+    """APE's temperature and scale: finite numbers > 0 (nan or inf would turn every attention weight into nan)."""
+    if not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in (temperature, scale)):
+        raise KVSqueezeError(f"APE's temperature and scale must be finite numbers > 0, got {temperature} and {scale}")
+
+
 @torch.no_grad()
 def ape_cache(
     model, prefix_ids: torch.Tensor, contexts: list[torch.Tensor], temperature: float = 0.9, scale: float = 0.9
@@ -71,8 +80,7 @@ def ape_cache(
     ``cat(prefix, contexts…, query)`` then prefills only the query."""
     if not contexts:
         raise KVSqueezeError("APE needs at least one context")
-    if not (temperature > 0 and scale > 0):
-        raise KVSqueezeError(f"APE's temperature and scale must be > 0, got {temperature} and {scale}")
+    check_parameters(temperature, scale)
     prefix, encoded = encode_contexts(model, prefix_ids, contexts)
     return combine(model, prefix, encoded, temperature, scale)
 
@@ -85,8 +93,7 @@ def combine(
     each of ``encoded`` that prefix followed by one context (see :func:`encode_contexts`)."""
     if not encoded:
         raise KVSqueezeError("APE needs at least one context")
-    if not (temperature > 0 and scale > 0):
-        raise KVSqueezeError(f"APE's temperature and scale must be > 0, got {temperature} and {scale}")
+    check_parameters(temperature, scale)
     p = prefix.get_seq_length()
     if prefix.tokens is None or any(
         c.tokens is None or c.tokens.shape[-1] <= p or not torch.equal(c.tokens[:, :p], prefix.tokens) for c in encoded

@@ -11,6 +11,7 @@ caches into a cache holding the whole context, and says how many context tokens 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +22,7 @@ from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.compat import with_cache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.reuse import ape, cachecraft, kvlink, kvshare
+from kvsqueeze.spec import split_params
 from kvsqueeze.store import Store, cache_key
 
 
@@ -305,15 +307,16 @@ def parse_reuse(spec: str) -> Strategy:
         raise KVSqueezeError(f"unknown reuse strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     cls, fields = STRATEGIES[name]
     kwargs = {}
-    for item in filter(None, (p.strip() for p in params.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key not in fields:
+    for key, value in split_params(params, spec).items():
+        if key not in fields:
             valid = ", ".join(fields) or "none"
-            raise KVSqueezeError(f"bad parameter {item!r} for reuse strategy {name}; valid parameters: {valid}")
+            raise KVSqueezeError(f"bad parameter {key!r} for reuse strategy {name}; valid parameters: {valid}")
         try:
             kwargs[key] = fields[key](value)
         except ValueError:
             raise KVSqueezeError(f"{name}: {key} must be a {fields[key].__name__}, got {value!r}") from None
+        if fields[key] is float and not math.isfinite(kwargs[key]):  # nan passes every < and > check
+            raise KVSqueezeError(f"{name}: {key} must be a finite number, got {value!r}")
     strategy = cls(**kwargs)
     check = getattr(strategy, "check", None)
     if check is not None:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from kvsqueeze.core.architectures import check_model
 from kvsqueeze.core.cache import CompressedCache
 from kvsqueeze.core.persist import config_hash, load_bytes, to_bytes
 from kvsqueeze.errors import KVSqueezeError
@@ -29,6 +30,7 @@ from kvsqueeze.validation import parse_method_arg
 
 def namespace(model, method) -> str:
     """Caches of one model under one method share a namespace (a hash of both)."""
+    check_model(model)
     spec = parse_method_arg(method).spec()
     return hashlib.sha256(f"{config_hash(model.config)}|{spec}".encode()).hexdigest()[:24]
 

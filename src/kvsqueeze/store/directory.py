@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from kvsqueeze.core.persist import write_atomically
-from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.errors import KVSqueezeError, os_reason
 
 SUFFIX = ".kvs"
 
@@ -30,7 +30,9 @@ class DirectoryBackend:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise KVSqueezeError(f"cannot use {self.root} as a cache store: {exc.strerror or exc}") from None
+            raise KVSqueezeError(
+                f"cannot use {self.root} as a cache store ({os_reason(exc, self.root)}); give a writable directory"
+            ) from None
         self.lock = FileLock(str(self.root / ".lock"))
 
     def path(self, key: str) -> Path:
@@ -44,7 +46,7 @@ class DirectoryBackend:
         try:
             write_atomically(self.path(key), blob)
         except OSError as exc:
-            raise KVSqueezeError(f"cannot write to the cache store {self.root}: {exc.strerror or exc}") from None
+            raise KVSqueezeError(f"cannot write to the cache store {self.root}: {os_reason(exc, self.root)}") from None
         if self.max_bytes is not None:
             self.evict(keep=key)
 

@@ -35,14 +35,19 @@ class RedisBackend:
 
         if ttl is not None and ttl < 1:
             raise KVSqueezeError(f"ttl must be >= 1 second, got {ttl}")
-        self.redis = redis.Redis.from_url(url)
         self.errors = (redis.RedisError, OSError)
         self.watch_error = redis.WatchError
         self.url, self.max_bytes, self.ttl, self.prefix, self.chunk = url, max_bytes, ttl, prefix, chunk
         try:
+            self.redis = redis.Redis.from_url(url)
             self.redis.ping()
+        except ValueError as exc:  # a port that is not a number or out of range (checked on connecting), a bad db
+            raise KVSqueezeError(f"bad Redis store URL {url!r} ({exc}); write redis://host:port/db") from None
         except self.errors as exc:
-            raise KVSqueezeError(f"cannot reach the Redis store at {url}: {exc}") from None
+            first = (str(exc).splitlines() or [""])[0]
+            raise KVSqueezeError(
+                f"cannot reach the Redis store at {url} ({first}); start redis-server there or fix the URL"
+            ) from None
 
     # ---- keys ------------------------------------------------------------------------------------------------
     def meta_key(self, key: str) -> str:

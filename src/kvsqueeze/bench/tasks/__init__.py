@@ -51,10 +51,20 @@ DATASETS: dict[str, tuple[Callable[..., list[Sample]], Callable[[str | None], No
     "ruler": (ruler_hf.generate, ruler_hf.validate),
 }
 OPTIONS = {"niah": niah.OPTIONS, "rag": rag.OPTIONS, "scbench": scbench.OPTIONS, "convqa": convqa.OPTIONS}
-TASK_NAMES = (*GENERATORS, "file:PATH.jsonl", "longbench:DATASET", "infinitebench:TASK", "ruler:DATASET_ID")
+# what may follow ``NAME:`` (optional for a generated task, required for a dataset); a task absent here takes none
+OPTION_HINTS = {"niah": "variant", "multiturn": "questions", "longgen": "tokens", "rag": "documents",
+                "scbench": "variant", "convqa": "variant", "longbench": "DATASET", "infinitebench": "TASK",
+                "ruler": "DATASET_ID"}  # fmt: skip
+TASK_NAMES = (*GENERATORS, "file:PATH.jsonl", *(f"{name}:{OPTION_HINTS[name]}" for name in DATASETS))
 # Part of every cell key: bump a task's version when its generator changes what a sample means (the sample's
 # content hash, also in the key, catches changed text; this catches e.g. a changed scoring rule for the task).
 TASK_VERSIONS: dict[str, int] = {**dict.fromkeys(GENERATORS, 1), "file": 1}
+
+
+def task_help() -> str:
+    """``--task``'s help: every registered task, with the option it takes."""
+    generated = [f"{name}[:{OPTION_HINTS[name]}]" if name in OPTION_HINTS else name for name in GENERATORS]
+    return ", ".join([*generated, *TASK_NAMES[len(GENERATORS) :]]) + "; comma-separated for several"
 
 
 @dataclass(frozen=True)
@@ -145,5 +155,6 @@ __all__ = [
     "generate",
     "generated_tokens",
     "parse_tasks",
+    "task_help",
     "task_version",
 ]
