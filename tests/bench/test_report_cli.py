@@ -98,6 +98,8 @@ def cli():
         (["--methods", "snapkv+kivi:group=0"], "kivi: group must be >= 1"),
         (["--methods", "snapkv:window=8,window=16"], "parameter 'window' given twice"),
         (["--methods", ","], "no method given"),
+        (["--task", "rag", "--reuse", ","], "no reuse strategy given"),
+        (["--out", ""], "--out is empty"),  # the last --out wins: typer would read '' as the current directory
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):

@@ -43,7 +43,7 @@ def add_commands(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="context tokens, comma-separated (default 2048; speed: 1024,2048,4096; longgen: 512)"),
         ] = None,
-        out: Annotated[Path, typer.Option(help="run directory (results.jsonl, summary, plots)")] = Path("runs/bench"),
+        out: Annotated[str, typer.Option(help="run directory (results.jsonl, summary, plots)")] = "runs/bench",
         model: Annotated[str | None, typer.Option(help="Hub id, directory or .gguf (default: embedded)")] = None,
         dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | mps | auto (local executor)")] = "cpu",
@@ -96,6 +96,8 @@ def add_commands(app: typer.Typer) -> None:
             from kvsqueeze.extras import require
             from kvsqueeze.models import parse_device, parse_dtype
 
+            if not out.strip():  # typer would read an empty path as the current directory
+                raise KVSqueezeError("--out is empty; give a run directory, e.g. --out runs/bench")
             parse_dtype(dtype)
             parse_device(device)
             require("kvsqueeze bench", "matplotlib")
@@ -119,7 +121,7 @@ def add_commands(app: typer.Typer) -> None:
                 device=device,
                 seed=seed,
                 query_aware=query_aware,
-                out=out,
+                out=Path(out),
                 resume=resume,
                 reuse=parse_reuse_list(reuse),
                 store=store,

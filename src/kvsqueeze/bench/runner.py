@@ -82,7 +82,7 @@ MEMORY_STORE_BYTES = 2 << 30  # the in-process chunk store's bound (least recent
 
 def parse_reuse_list(text: str | None) -> list[str]:
     """Comma-separated reuse strategies of the ``rag`` task (``kvlink:recompute=16``), validated and normalized;
-    None or empty: :data:`DEFAULT_REUSE`."""
+    None: :data:`DEFAULT_REUSE` (a text naming no strategy, such as ``","``, is refused)."""
     from kvsqueeze.reuse.rag import parse_reuse, spec_of
 
     pieces: list[str] = []
@@ -94,6 +94,8 @@ def parse_reuse_list(text: str | None) -> list[str]:
             pieces[-1] += "," + piece  # a strategy's second parameter
         else:
             pieces.append(piece)
+    if text is not None and not pieces:
+        raise KVSqueezeError("no reuse strategy given; e.g. --reuse kvshare,cachecraft (omit --reuse for the defaults)")
     specs: list[str] = []
     for piece in pieces or DEFAULT_REUSE:
         if piece.lower() in ("full", "none"):
