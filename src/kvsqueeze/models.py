@@ -207,12 +207,17 @@ def max_positions(config) -> int | None:
     return None
 
 
+def head_dim_of(config) -> int:
+    """The model's attention head dimension (``head_dim``, else hidden size over heads)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def kv_bytes_per_token(config, dtype: str | torch.dtype = "float32") -> int:
     """Bytes of an uncompressed KV cache per token (keys + values of every layer)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * heads * head_dim * parse_dtype(dtype, text).itemsize
+    return 2 * text.num_hidden_layers * heads * head_dim_of(text) * parse_dtype(dtype, text).itemsize
 
 
 def available_memory() -> int | None:

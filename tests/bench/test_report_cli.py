@@ -99,6 +99,9 @@ def cli():
         (["--methods", "snapkv:window=8,window=16"], "parameter 'window' given twice"),
         (["--methods", ","], "no method given"),
         (["--task", "rag", "--reuse", ","], "no reuse strategy given"),
+        # codec parameters that depend on the model's head dimension (64): checked from its config up front
+        (["--methods", "snapkv+kivi:group=48"], "must divide the head dimension 64"),
+        (["--methods", "bfp:block=24"], "bfp needs a block dividing head_dim 64"),
         (["--out", ""], "--out is empty"),  # the last --out wins: typer would read '' as the current directory
     ],
 )

@@ -465,6 +465,18 @@ def check_lengths(config: SweepConfig, provider) -> None:
                                     fix="give a smaller --context-length")  # fmt: skip
 
 
+def check_head_dims(config: SweepConfig, provider) -> None:
+    """Every method's codec can encode the model's head dimension (read from its config, before any sample is
+    generated: a bad ``kivi:group=`` fails in one line, not as a failed row of every cell)."""
+    if not hasattr(provider, "config"):
+        return
+    from kvsqueeze.models import head_dim_of
+
+    head_dim = head_dim_of(provider.config)
+    for spec in config.methods:
+        parse_method(spec).codec.check_head_dim(head_dim)
+
+
 def check_sample_fits(sample: Sample, tokenizer, provider) -> None:
     """A ``file:`` sample's prompt plus its answer must fit the model (its length is known only here)."""
     if not hasattr(provider, "check_fits") or not sample.task.startswith("file:"):
@@ -665,6 +677,7 @@ def run_sweep(
     provider = provider or ModelProvider(config.model, config.dtype, config.device)
     executor = executor or LocalExecutor()
     check_lengths(config, provider)  # a wrong model or an impossible length: refused before --out is touched
+    check_head_dims(config, provider)
     prepare_out(config.out)
     with run_lock(config.out):
         return _locked_sweep(config, provider, executor, progress, render, warn)

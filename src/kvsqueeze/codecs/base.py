@@ -33,6 +33,10 @@ class Codec(Component):
             if isinstance(value, int) and value < least:
                 raise KVSqueezeError(f"{self.name}: {key} must be >= {least}, got {value}")
 
+    def check_head_dim(self, head_dim: int) -> None:
+        """Refuse a head dimension this codec cannot encode (one line naming the fix). ``encode`` calls it, and
+        ``kvsqueeze bench`` calls it with the model's before any cell runs."""
+
     @property
     def is_dense(self) -> bool:
         return False

@@ -108,12 +108,15 @@ class BFPCodec(Codec):
         if not 2 <= self.bits <= 8 or self.block < 1:
             raise KVSqueezeError(f"bfp needs 2 <= bits <= 8 and block >= 1, got bits={self.bits}, block={self.block}")
 
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.block:
+            raise KVSqueezeError(f"bfp needs a block dividing head_dim {head_dim}, e.g. bfp:bits=4,block=16")
+
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
         if ctx is None:  # decode-time flush: encoded by extend() with the block's channel order
             return DenseBlock(keys, values, lengths)
         D = keys.shape[-1]
-        if D % self.block:
-            raise KVSqueezeError(f"bfp needs a block dividing head_dim {D}, e.g. bfp:bits=4,block=16")
+        self.check_head_dim(D)
         counts = lengths.flatten().tolist()
         perms = [
             ksort(k_h.float()) if self.ksort and k_h.shape[0] else torch.arange(D, device=keys.device)

@@ -36,11 +36,14 @@ class KIVICodec(Codec):
     group: int = 32
     residual: int = 128
 
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % min(self.group, head_dim):
+            raise KVSqueezeError(f"kivi group {self.group} must divide the head dimension {head_dim} or exceed it")
+
     def encode(self, keys, values, lengths, ctx=None) -> KVBlock:
         D = keys.shape[-1]
+        self.check_head_dim(D)
         size = min(self.group, D)
-        if D % size:
-            raise KVSqueezeError(f"kivi group {self.group} must divide the head dimension {D} or exceed it")
         k = ChannelQ.encode(keys, lengths, self.bits, self.group)
         v = TokenQ.encode(values, self.bits, size)
         return QuantBlock(k, v, lengths)

@@ -182,6 +182,9 @@ class QJLCodec(Codec):
                 f"and outliers >= 0, got sketch={self.sketch}, out_sketch={self.out_sketch}, outliers={self.outliers}"
             )
 
+    def check_head_dim(self, head_dim: int) -> None:
+        self._sizes(head_dim)
+
     def _sizes(self, D: int) -> tuple[int, int, int]:
         m = self.sketch or 2 * D
         if m % 8:
