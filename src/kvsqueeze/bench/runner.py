@@ -466,15 +466,16 @@ def check_lengths(config: SweepConfig, provider) -> None:
 
 
 def check_head_dims(config: SweepConfig, provider) -> None:
-    """Every method's codec can encode the model's head dimension (read from its config, before any sample is
-    generated: a bad ``kivi:group=`` fails in one line, not as a failed row of every cell)."""
+    """Every method's codec can encode the model's head dimension (read from its config) and finds what it needs on
+    this machine (a cold directory), before any sample is generated: a bad ``kivi:group=`` or ``dir=`` fails in one
+    line, not as a failed row of every cell."""
     if not hasattr(provider, "config"):
         return
     from kvsqueeze.models import head_dim_of
 
     head_dim = head_dim_of(provider.config)
     for spec in config.methods:
-        parse_method(spec).codec.check_head_dim(head_dim)
+        parse_method(spec).codec.check_setup(head_dim)
 
 
 def check_sample_fits(sample: Sample, tokenizer, provider) -> None:

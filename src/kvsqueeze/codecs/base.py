@@ -34,8 +34,12 @@ class Codec(Component):
                 raise KVSqueezeError(f"{self.name}: {key} must be >= {least}, got {value}")
 
     def check_head_dim(self, head_dim: int) -> None:
-        """Refuse a head dimension this codec cannot encode (one line naming the fix). ``encode`` calls it, and
-        ``kvsqueeze bench`` calls it with the model's before any cell runs."""
+        """Refuse a head dimension this codec cannot encode (one line naming the fix); ``encode`` calls it."""
+
+    def check_setup(self, head_dim: int) -> None:
+        """What needs the model or the machine (the head dimension; a retrieval codec's cold directory), checked by
+        ``kvsqueeze bench`` from the model's config before any cell runs."""
+        self.check_head_dim(head_dim)
 
     @property
     def is_dense(self) -> bool:

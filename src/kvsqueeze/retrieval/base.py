@@ -49,6 +49,11 @@ class RetrievalCodec(Codec):
         if self.fixed_window and self.group != NEVER:
             raise KVSqueezeError(f"{self.name} keeps decoded tokens in its hot window; drop group=")
 
+    def check_setup(self, head_dim: int) -> None:
+        super().check_setup(head_dim)
+        if self.tier == "disk":
+            check_directory(self.dir or None)
+
     def store_for(self, device) -> ColdStore:
         """The cold store of a block (the disk tier's directory is checked here, where it is used)."""
         if self.tier == "disk":
