@@ -142,6 +142,20 @@ def test_a_redis_url_with_a_bad_port_is_one_line(url, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://kv:s3cret@127.0.0.1:1/0", "redis://kv:***@127.0.0.1:1/0"),
+        ("redis://:s3cret@127.0.0.1:99999/0", "redis://***/0"),  # a bad port: only the scheme and the path
+    ],
+)
+def test_redis_messages_never_show_the_password(url, shown):
+    pytest.importorskip("redis")
+    with pytest.raises(KVSqueezeError) as err:
+        store.open(url)
+    assert shown in str(err.value) and "s3cret" not in str(err.value)
+
+
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_a_directory_store_at_a_file_names_that_file(tmp_path, under):
     taken = tmp_path / "taken"

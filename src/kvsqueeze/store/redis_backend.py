@@ -20,11 +20,27 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.extras import require
 
 CHUNK = 4 << 20
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (messages name the store without leaking the password)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:  # a malformed netloc (a bad port): keep the scheme and path only
+        parts = urlsplit(url)
+        return urlunsplit((parts.scheme, "***", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
 class RedisBackend:
@@ -38,15 +54,16 @@ class RedisBackend:
         self.errors = (redis.RedisError, OSError)
         self.watch_error = redis.WatchError
         self.url, self.max_bytes, self.ttl, self.prefix, self.chunk = url, max_bytes, ttl, prefix, chunk
+        self.shown = redacted(url)  # what messages print
         try:
             self.redis = redis.Redis.from_url(url)
             self.redis.ping()
         except ValueError as exc:  # a port that is not a number or out of range (checked on connecting), a bad db
-            raise KVSqueezeError(f"bad Redis store URL {url!r} ({exc}); write redis://host:port/db") from None
+            raise KVSqueezeError(f"bad Redis store URL {self.shown!r} ({exc}); write redis://host:port/db") from None
         except self.errors as exc:
             first = (str(exc).splitlines() or [""])[0]
             raise KVSqueezeError(
-                f"cannot reach the Redis store at {url} ({first}); start redis-server there or fix the URL"
+                f"cannot reach the Redis store at {self.shown} ({first}); start redis-server there or fix the URL"
             ) from None
 
     # ---- keys ------------------------------------------------------------------------------------------------
@@ -73,7 +90,7 @@ class RedisBackend:
             if self.max_bytes is not None:
                 self.evict(keep=key)
         except self.errors as exc:
-            raise KVSqueezeError(f"the Redis store at {self.url} failed a write: {exc}") from None
+            raise KVSqueezeError(f"the Redis store at {self.shown} failed a write: {exc}") from None
 
     def _swap(self, key: str, version: str, n: int, blob: bytes) -> tuple[str, int] | None:
         """Point the metadata at the new version in one transaction; returns the replaced ``(version, chunks)``."""
@@ -116,8 +133,8 @@ class RedisBackend:
                 self.redis.zadd(f"{self.prefix}:lru", {key: time.time()})
                 return blob
         except self.errors as exc:
-            raise KVSqueezeError(f"the Redis store at {self.url} failed a read: {exc}") from None
-        raise KVSqueezeError(f"stored {key} kept changing or is corrupt in the Redis store at {self.url}")
+            raise KVSqueezeError(f"the Redis store at {self.shown} failed a read: {exc}") from None
+        raise KVSqueezeError(f"stored {key} kept changing or is corrupt in the Redis store at {self.shown}")
 
     def delete(self, key: str) -> None:
         meta = self.redis.hgetall(self.meta_key(key))
