@@ -465,7 +465,7 @@ def check_lengths(config: SweepConfig, provider) -> None:
                                     fix="give a smaller --context-length")  # fmt: skip
 
 
-def check_head_dims(config: SweepConfig, provider) -> None:
+def check_method_setup(config: SweepConfig, provider) -> None:
     """Every method's codec can encode the model's head dimension (read from its config) and finds what it needs on
     this machine (a cold directory), before any sample is generated: a bad ``kivi:group=`` or ``dir=`` fails in one
     line, not as a failed row of every cell."""
@@ -678,7 +678,7 @@ def run_sweep(
     provider = provider or ModelProvider(config.model, config.dtype, config.device)
     executor = executor or LocalExecutor()
     check_lengths(config, provider)  # a wrong model or an impossible length: refused before --out is touched
-    check_head_dims(config, provider)
+    check_method_setup(config, provider)
     prepare_out(config.out)
     with run_lock(config.out):
         return _locked_sweep(config, provider, executor, progress, render, warn)
