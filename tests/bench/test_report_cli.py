@@ -102,6 +102,7 @@ def cli():
         # codec parameters that depend on the model's head dimension (64): checked from its config up front
         (["--methods", "snapkv+kivi:group=48"], "must divide the head dimension 64"),
         (["--methods", "bfp:block=24"], "bfp needs a block dividing head_dim 64"),
+        (["--methods", "snapkv+cskv:rank_k=96"], "exceed the head dim 64"),
         (["--methods", "quest:tier=disk,dir=/nonexistent/cold"], "is not a directory"),
         (["--out", ""], "--out is empty"),  # the last --out wins: typer would read '' as the current directory
     ],

@@ -138,9 +138,14 @@ class CSKV(Codec):
     residual: int = Field(32, ge=0)  # full-precision branch: most recent tokens
     group: int = Field(16, ge=1)  # appended tokens are projected this many at a time
 
+    def check_head_dim(self, head_dim: int) -> None:
+        if self.rank_k > head_dim or self.rank_v > head_dim:
+            raise KVSqueezeError(
+                f"cskv ranks ({self.rank_k}, {self.rank_v}) exceed the head dim {head_dim}; use ranks <= {head_dim}"
+            )
+
     def _ranks(self, D: int) -> tuple[int, int]:
-        if self.rank_k > D or self.rank_v > D:
-            raise KVSqueezeError(f"cskv ranks ({self.rank_k}, {self.rank_v}) exceed the head dim {D}; use ranks <= {D}")
+        self.check_head_dim(D)
         return self.rank_k, self.rank_v
 
     def _file_bases(self, layer: int, B: int, H: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor]:
