@@ -171,8 +171,8 @@ class APEReuse:
     """APE: every document encoded after the shared head, combined with its temperature and scale
     (:mod:`kvsqueeze.reuse.ape`)."""
 
-    temperature: float = 0.9
-    scale: float = 0.9
+    temperature: float = ape.TEMPERATURE
+    scale: float = ape.SCALE
     name: str = "ape"
 
     def build(self, model, request: Request, chunks: ChunkCaches) -> Reused:
