@@ -75,6 +75,30 @@ def test_topical_sessions_are_about_one_person_whose_facts_they_state(chars):
     assert "read this to me" not in plain.context
 
 
+def test_persona_sessions_state_their_person_s_facts_one_per_turn(chars):
+    task = TaskSpec("convqa", "persona")
+    samples = generate(task, chars, samples=2, length=2 * LENGTH, seed=0)
+    assert samples == generate(task, chars, samples=2, length=2 * LENGTH, seed=0)
+    for sample in samples:
+        messages = messages_of(sample)
+        assert sum(len(m) for m in render(chars, messages)) <= 2 * LENGTH and sample.id.split("/")[1] == "persona"
+        opens = [i for i, m in enumerate(messages) if m["content"].startswith("Let us talk about my friend ")]
+        assert len(opens) == SESSIONS and opens[0] == 0
+        sessions = [messages[a:b] for a, b in zip(opens, [*opens[1:], len(messages)], strict=True)]
+        people = [s[0]["content"].removeprefix("Let us talk about my friend ").rstrip(".") for s in sessions]
+        assert len(set(people)) == SESSIONS
+        for person, session in zip(people, sessions, strict=True):
+            turns = [m["content"] for m in session[2::2]]
+            assert len(turns) >= 2 and all(person in t for t in turns)  # every user turn is about the person
+        asked = [next(p for p in people if p in q.text) for q in sample.questions]
+        assert [asked.count(p) for p in people] == [2, 2, 1, 1]  # six facts: two each about the first two people
+        for q, person in zip(sample.questions, asked, strict=True):
+            (answer,) = q.answers
+            stated = [(k, m["content"]) for k, s in enumerate(sessions) for m in s if answer in m["content"]]
+            assert len(stated) == 1 and stated[0][0] == people.index(person)  # one turn, in its person's session
+            assert stated[0][1].endswith(f" {answer}.") and answer not in q.text + q.answer_prefix
+
+
 def test_too_short_or_an_option_is_refused(chars):
     with pytest.raises(KVSqueezeError, match="too short"):
         generate(TaskSpec("convqa"), chars, samples=1, length=400, seed=0)

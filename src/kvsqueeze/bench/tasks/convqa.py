@@ -14,6 +14,12 @@ opens it with that person (``Let us talk about my friend Tarn Velum.``), every p
 Velum read this to me: …``), and the facts asked later are about the session's person (facts 1–4 about the four
 people, 5 and 6 about the first two again, each stated in its person's session).
 
+``convqa:persona`` is a dialogue made of facts, as LongConvQA's are (people telling each other about their lives):
+each session is about one invented person, and its user turns state that person's facts one after another
+(``PERSONA_FACTS``: pet, village, boat, bakery, book, choir, …, each with a new word), each followed by an
+acknowledgement; when a session has stated every kind of fact, passages about the person fill the rest of its share.
+Six of the stated facts are asked later: two each about the first two people, one each about the other two.
+
 The dialogue is kept as ``documents``: the messages' contents, alternately user and assistant (``meta["roles"]``);
 ``context`` is the same dialogue as ``Role: content`` lines (what a digest and a reader see). Questions are asked
 independently of each other after the history (the ``convqa`` evaluator); each is scored by ``string_match_all``
@@ -33,7 +39,7 @@ from kvsqueeze.prompts import encode
 SESSIONS = 4
 QUESTIONS = 6
 PASSAGE_TOKENS = 90
-OPTIONS = ("topical",)
+OPTIONS = ("topical", "persona")
 MIN_LENGTH = 1536  # room for six passage turns (two per session) that each state a fact
 QUESTION_ROOM = 64  # tokens left after the history for the question, the reply opening and the answer
 TURN_OVERHEAD = 8  # tokens a chat template adds around a message (the measured total is checked after)
@@ -49,6 +55,29 @@ FACTS = (
      "The boat of {name} is named"),
     ("My cousin {name} works at a bakery called {word}.", "What is the bakery where {name} works called?",
      "The bakery where {name} works is called"),
+)  # fmt: skip
+
+PERSONA_FACTS = (
+    *FACTS,
+    ("{name}'s favourite book is called {word}.", "What is the favourite book of {name} called?",
+     "The favourite book of {name} is called"),
+    ("{name} sings in a choir called {word}.", "What is the choir that {name} sings in called?",
+     "The choir that {name} sings in is called"),
+    ("The cat of {name} is named {word}.", "What is the name of the cat of {name}?", "The cat of {name} is named"),
+    ("{name} grew up on a street called {word}.", "On which street did {name} grow up?",
+     "{name} grew up on a street called"),
+    ("{name} plays for a football team called {word}.", "What is the football team of {name} called?",
+     "The football team of {name} is called"),
+    ("The car that {name} drives is nicknamed {word}.", "What is the nickname of the car of {name}?",
+     "The car of {name} is nicknamed"),
+    ("{name} rides a horse called {word}.", "What is the name of the horse of {name}?",
+     "The horse of {name} is called"),
+    ("{name} runs a small shop called {word}.", "What is the shop that {name} runs called?",
+     "The shop that {name} runs is called"),
+    ("Last summer {name} climbed a mountain called {word}.", "Which mountain did {name} climb?",
+     "{name} climbed a mountain called"),
+    ("The garden of {name} is named {word}.", "What is the name of the garden of {name}?",
+     "The garden of {name} is named"),
 )  # fmt: skip
 
 
@@ -164,6 +193,60 @@ def dialogue(tokenizer, rng: random.Random, budget: int, facts, paragraphs, peop
     return [m for messages in sessions for m in messages]
 
 
+def unused(rng: random.Random, pool, used: set[str], n: int) -> list[str]:
+    """``n`` distinct words of ``pool`` not in ``used`` (added to it)."""
+    while True:
+        picked = [rng.choice(pool) for _ in range(n)]
+        if len(set(picked) | used) == len(used) + n:
+            used.update(picked)
+            return picked
+
+
+def persona_dialogue(tokenizer, rng: random.Random, budget: int, words, answers, paragraphs
+                     ) -> tuple[list[str], list[tuple[str, str, str, str]]]:  # fmt: skip
+    """``convqa:persona``'s messages (user, assistant, …) within ``budget`` tokens and the ``QUESTIONS`` facts asked
+    ``(statement, question, answer prefix, answer)``: session ``s`` states facts of person ``s``."""
+
+    def cost(text: str) -> int:
+        return len(encode(tokenizer, text)) + TURN_OVERHEAD
+
+    used: set[str] = set()
+    quota = budget // SESSIONS
+    first_source = rng.randrange(2)
+    messages, stated = [], []  # stated[s]: the facts of person s, as stated
+    for s in range(SESSIONS):
+        person = " ".join(w.capitalize() for w in unused(rng, words, used, 2))
+        topic, texts = passages(tokenizer, rng, first_source + s, quota // (PASSAGE_TOKENS // 2) + 2, paragraphs)
+        session = [f"Let us talk about my friend {person}.", f"Gladly, tell me about {person}."]
+        used_tokens = sum(cost(m) for m in session)
+        facts = []
+        for template in rng.sample(range(len(PERSONA_FACTS)), len(PERSONA_FACTS)):
+            state, ask, prefix = PERSONA_FACTS[template]
+            answer = unused(rng, answers, used, 1)[0].capitalize()
+            fact = (state.format(name=person, word=answer), ask.format(name=person), prefix.format(name=person), answer)
+            ack = ACKS[rng.randrange(len(ACKS))]
+            if used_tokens + cost(fact[0]) + cost(ack) > quota:
+                break
+            session += [fact[0], ack]
+            used_tokens += cost(fact[0]) + cost(ack)
+            facts.append(fact)
+        else:  # every kind of fact stated: passages about the person (from ``topic``) fill the session's share
+            for text in texts:
+                turn, ack = f"{person} read this to me, from {topic}: {text}", ACKS[rng.randrange(len(ACKS))]
+                if used_tokens + cost(turn) + cost(ack) > quota:
+                    break
+                session += [turn, ack]
+                used_tokens += cost(turn) + cost(ack)
+        messages += session
+        stated.append(facts)
+    asked_per_person = [len(range(k, QUESTIONS, SESSIONS)) for k in range(SESSIONS)]
+    if any(len(facts) < n for facts, n in zip(stated, asked_per_person, strict=True)):
+        raise KVSqueezeError(f"the context length leaves too few facts per person; use at least {MIN_LENGTH} tokens")
+    picked = [rng.sample(facts, n) for facts, n in zip(stated, asked_per_person, strict=True)]
+    asked = [picked[k % SESSIONS][k // SESSIONS] for k in range(QUESTIONS)]
+    return messages, asked
+
+
 def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | None = None) -> list[Sample]:
     if option not in (None, *OPTIONS):
         raise KVSqueezeError(f"unknown convqa option {option!r}; valid: {', '.join(OPTIONS)}")
@@ -177,8 +260,11 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
     out = []
     for i in range(samples):
         rng = rng_for("convqa", length, seed, i)
-        facts, people = draw_facts(rng, words, answers, topical)
-        messages = dialogue(tokenizer, rng, budget, facts, paragraphs, people if topical else None)
+        if option == "persona":
+            messages, facts = persona_dialogue(tokenizer, rng, budget, words, answers, paragraphs)
+        else:
+            facts, people = draw_facts(rng, words, answers, topical)
+            messages = dialogue(tokenizer, rng, budget, facts, paragraphs, people if topical else None)
         order = list(facts)
         rng.shuffle(order)
         questions = tuple(Question(ask, (answer,), prefix, max_new_tokens=len(encode(tokenizer, " " + answer)) + 4)
@@ -187,7 +273,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
         out.append(
             Sample(
                 task="convqa",
-                id=f"{length}/{i:04d}" if not topical else f"{length}/topical/{i:04d}",
+                id=f"{length}/{i:04d}" if option is None else f"{length}/{option}/{i:04d}",
                 kind="convqa",
                 context="\n".join(f"{roles[j % 2]}: {m}" for j, m in enumerate(messages)),
                 questions=questions,
@@ -197,7 +283,7 @@ def generate(tokenizer, *, samples: int, length: int, seed: int, option: str | N
                     "turns": len(messages),
                     "sessions": SESSIONS,
                     "roles": "user-assistant",
-                    **({"topical": True} if topical else {}),
+                    **({option: True} if option else {}),
                 },
             )
         )
