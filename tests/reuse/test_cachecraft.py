@@ -102,13 +102,17 @@ def test_recomputation_follows_deviation_and_inter_attention():
         j = len(prev_then[x] & prev_now[x]) / len(prev_then[x] | prev_now[x]) if prev_then[x] | prev_now[x] else 1.0
         devs[x] = (v.impact if prev_then[x] else prior) * (1 - j)
     total = sum(devs.values())
+    exact = {x: 9 * devs[x] / total for x in devs}  # no chunk's share reaches its 10 tokens: no cap binds
+    count = {x: int(exact[x]) for x in devs}
+    for x in sorted(devs, key=lambda x: exact[x] - count[x], reverse=True)[: 9 - sum(count.values())]:
+        count[x] += 1  # largest remainders: the shares add up to the budget
     for start, x, v in ((4, ida, variants[1]), (14, idb, variants[2]), (24, idc, variants[0])):
-        share = round(9 * devs[x] / total)
+        share = count[x]
         if share and x == idc:
             want.append(start + torch.arange(share))
         elif share:
             want.append(start + torch.topk(v.attention, share).indices.sort().values)
-    assert round(9 * devs[idc] / total) > 0
+    assert count[idc] > 0 and chosen[0].numel() == 9
     assert torch.equal(chosen[0], torch.cat(want).sort().values)
     # a chunk deviating more than max_deviation is not reusable: recomputed whole (here every deviating chunk)
     whole = [torch.arange(s, s + 10) for s, x in ((4, ida), (14, idb), (24, idc)) if devs[x] > 0]
@@ -116,6 +120,31 @@ def test_recomputation_follows_deviation_and_inter_attention():
     # the same variants in their own context: no deviation, nothing recomputed, keys only moved
     _, n_same = cachecraft.assemble(model, head_cache, [c, a, b], store, fraction=0.3)
     assert n_same == 0
+
+
+def test_shares_cap_each_chunk_at_its_size_and_pass_the_rest_on():
+    assert cachecraft.shares(9, [0.5, 0.25, 0.25], [10, 10, 10]) == [5, 2, 2]  # 4.5 / 2.25 / 2.25: largest remainder
+    assert cachecraft.shares(10, [3.0, 1.0], [4, 100]) == [4, 6]  # 7.5 capped at 4: its 3.5 go to the other
+    assert cachecraft.shares(50, [0.2, 0.0, 0.1], [10, 10, 10]) == [10, 0, 10]  # no deviation: never recomputed
+    assert cachecraft.shares(0, [0.2], [10]) == [0] and cachecraft.shares(5, [], []) == []
+
+
+def test_fraction_one_recomputes_every_deviating_token_as_a_full_prefill():
+    model = tiny_model("llama")
+    head, a, b, c = ids(4, 0), ids(10, 1), ids(10, 2), ids(7, 3)
+    store = cachecraft.ChunkStore()
+    _, variants = cachecraft.prefill_chunks(model, head, [c, a, b])
+    for chunk, v in zip([c, a, b], variants, strict=True):
+        store.add(cachecraft.chunk_id(chunk), v)
+    head_cache = CompressedCache(model, "none")
+    head_cache.prefill(model, head)
+    out, n = cachecraft.assemble(model, head_cache, [a, b, c], store, fraction=1.0, max_deviation=1.0)
+    assert n == 27  # every chunk deviates (all moved): all recomputed, whatever the proportions
+    full = CompressedCache(model, "none")
+    full.prefill(model, torch.cat([head, a, b, c], -1))
+    for mine, ref in zip(out.layers, full.layers, strict=True):  # recomputed in context under a mask: float32 rounding
+        assert torch.allclose(mine.keys, ref.keys, atol=1024 * EPS32, rtol=1024 * EPS32)
+        assert torch.allclose(mine.values, ref.values, atol=1024 * EPS32, rtol=1024 * EPS32)
 
 
 def test_store_keeps_the_closest_variant_and_evicts_the_least_valuable():

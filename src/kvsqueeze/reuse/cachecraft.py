@@ -11,7 +11,8 @@ it can be reused depends on how much its tokens attended to the *other* chunks o
 - reusing it in a new prompt: its keys are re-encoded to the new position, and its *deviation* is its CCI scaled by
   how much its preceding chunks changed, ``CCI × (1 − Jaccard(prefix chunks then, now))``. A chunk whose deviation
   exceeds ``max_deviation`` is not reusable and is recomputed whole; the others share a budget of ``fraction`` of
-  the context's tokens in proportion to their deviation, each recomputing its tokens of highest inter-chunk
+  the context's tokens in proportion to their deviation (a chunk's share capped at its length, the rest going to the
+  others: :func:`shares`), each recomputing its tokens of highest inter-chunk
   attention (selective recomputation in context, :mod:`kvsqueeze.reuse.recompute`);
 - a variant computed with no chunk before it had nothing to attend to: its measured CCI (0) says nothing about how
   much it depends on context. Placed after other chunks, it takes the mean CCI of the store's variants that were
@@ -126,6 +127,32 @@ def recompute_order(variant: Variant) -> torch.Tensor:
     return torch.topk(variant.attention, n).indices
 
 
+def shares(budget: int, deviations: list[float], sizes: list[int]) -> list[int]:
+    """Whole tokens each chunk recomputes: ``budget`` split in proportion to ``deviations``, each chunk capped at its
+    size with what a capped chunk cannot take shared among the others, remainders to the largest fractions; the total
+    is ``min(budget, sizes of the deviating chunks)`` (so ``fraction=1`` recomputes every deviating chunk whole)."""
+    out = [0] * len(sizes)
+    open_ = [i for i, d in enumerate(deviations) if d > 0 and sizes[i] > 0]
+    left = min(budget, sum(sizes[i] for i in open_))
+    while open_ and left > 0:  # setup-time loop over a prompt's chunks; ends when no chunk is capped
+        total = sum(deviations[i] for i in open_)
+        want = {i: left * deviations[i] / total for i in open_}
+        capped = [i for i in open_ if want[i] >= sizes[i] - out[i]]
+        if not capped:
+            floors = {i: int(want[i]) for i in open_}
+            extra = left - sum(floors.values())
+            for i in sorted(open_, key=lambda i: want[i] - floors[i], reverse=True)[:extra]:
+                floors[i] += 1
+            for i in open_:
+                out[i] += floors[i]
+            break
+        for i in capped:
+            left -= sizes[i] - out[i]
+            out[i] = sizes[i]
+        open_ = [i for i in open_ if i not in capped]
+    return out
+
+
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return 1.0 if not a and not b else len(a & b) / len(a | b)
 
@@ -213,11 +240,9 @@ def assemble(model, head: CompressedCache, chunks: list[torch.Tensor], store: Ch
     for layer, pk, pv in zip(out.layers, parts_k, parts_v, strict=True):
         layer.update(torch.cat(pk, dim=-2), torch.cat(pv, dim=-2))  # one copy per layer
     context = offset - h
-    budget = round(fraction * context)
-    total = sum(d for _, _, d in plans)
+    counts = shares(round(fraction * context), [d for _, _, d in plans], [o.numel() for _, o, _ in plans])
     chosen = list(whole)
-    for start, order, deviation in plans:
-        share = 0 if total <= 0 else min(order.numel(), round(budget * deviation / total))
+    for (start, order, _), share in zip(plans, counts, strict=True):
         if share:
             chosen.append(start + order[:share].sort().values)
     positions = torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.long)
