@@ -34,6 +34,7 @@ from kvsqueeze.core.rope import rope_params, rotate_half_pairs, unrope
 from kvsqueeze.core.storage import KVBlock
 from kvsqueeze.core.tiers import ColdStore, paginate, unpaginate
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import head_dim_of
 from kvsqueeze.retrieval.base import RetrievalCodec, top_pages
 from kvsqueeze.spec import register
 
@@ -120,7 +121,7 @@ class ShadowKVCodec(RetrievalCodec):
         if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
             raise KVSqueezeError("shadowkv needs full-attention layers only (the model has sliding windows); use quest")
         inv, scale = rope_params(model, who="shadowkv", fix="use quest")
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        head_dim = head_dim_of(text)
         if 2 * len(inv) != head_dim:
             raise KVSqueezeError("shadowkv needs RoPE over the whole head (this model rotates part of it); use quest")
         host.shared_state[ROPE] = (inv, scale)

@@ -137,7 +137,7 @@ def shares(budget: int, deviations: list[float], sizes: list[int]) -> list[int]:
     while open_ and left > 0:  # setup-time loop over a prompt's chunks; ends when no chunk is capped
         total = sum(deviations[i] for i in open_)
         want = {i: left * deviations[i] / total for i in open_}
-        capped = [i for i in open_ if want[i] >= sizes[i] - out[i]]
+        capped = [i for i in open_ if want[i] >= sizes[i]]
         if not capped:
             floors = {i: int(want[i]) for i in open_}
             extra = left - sum(floors.values())
@@ -147,8 +147,8 @@ def shares(budget: int, deviations: list[float], sizes: list[int]) -> list[int]:
                 out[i] += floors[i]
             break
         for i in capped:
-            left -= sizes[i] - out[i]
             out[i] = sizes[i]
+            left -= sizes[i]
         open_ = [i for i in open_ if i not in capped]
     return out
 

@@ -19,6 +19,7 @@ import torch
 from kvsqueeze.core.context import LayerContext
 from kvsqueeze.core.rope import rerope, rope_params, unrope
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.models import head_dim_of
 
 KEPT = "rerotate_kept"  # shared_state key: the kept count every layer must share
 
@@ -29,7 +30,7 @@ def rope_of(model) -> tuple[torch.Tensor, float]:
     if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
         raise KVSqueezeError("prefill:rerotate needs full-attention layers only (this model has sliding windows)")
     inv, scale = rope_params(model, who="prefill:rerotate", fix="drop rerotate=true")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(text)
     if 2 * len(inv) != head_dim:
         raise KVSqueezeError("prefill:rerotate needs RoPE over the whole head (this model rotates part of it)")
     return torch.tensor(inv, dtype=torch.float64), scale
